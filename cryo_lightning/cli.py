@@ -1,0 +1,95 @@
+"""The ``cryol`` command: LightningCLI trainer verbs plus model-free tools.
+
+Trainer verbs (``fit``, ``validate``, ``test``, ``predict``) go through :class:`CryoCLI`, a
+LightningCLI in subclass mode: ``--config configs/x.yaml`` picks the model and data classes.
+Tools that need no model (``simulate``; more come with later issues) are plain functions with
+their own jsonargparse parser, dispatched before LightningCLI sees the arguments (LightningCLI
+requires a model for every subcommand).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from cryo_lightning import __version__
+
+__all__ = ["main", "TRAINER_VERBS", "TOOLS"]
+
+TRAINER_VERBS = {
+    "fit": "Train a model (e.g. cryol fit --config configs/quickstart.yaml).",
+    "validate": "Run the validation loop of a model on its datamodule.",
+    "test": "Evaluate a model on the held-out test split.",
+    "predict": "Run a model's predict step over the predict split.",
+}
+
+# name -> (module with a main(argv) function, one-line help)
+TOOLS = {
+    "simulate": (
+        "cryo_lightning.tools.simulate",
+        "Simulate a RELION 3.1 dataset (STAR + MRCS + clean stack) from a map, atomic model or random molecule.",
+    ),
+}
+
+
+def _overview() -> str:
+    width = max(map(len, [*TRAINER_VERBS, *TOOLS]))
+    lines = [
+        f"cryol {__version__}: learned denoising and ab initio modelling of cryo-EM images",
+        "",
+        "usage: cryol <subcommand> [options]     (cryol <subcommand> --help for its options)",
+        "",
+        "Training (LightningCLI; --config FILE.yaml, --print_config):",
+        *(f"  {name:<{width}}  {text}" for name, text in TRAINER_VERBS.items()),
+        "",
+        "Tools:",
+        *(f"  {name:<{width}}  {text}" for name, (_, text) in TOOLS.items()),
+    ]
+    return "\n".join(lines)
+
+
+def _run_lightning(args: Sequence[str] | None) -> None:
+    # Imported lazily so that `cryol --help` and the tools start fast.
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import LightningCLI
+
+    import cryo_lightning.data.synthetic  # noqa: F401  (short class names in configs)
+    import cryo_lightning.models.dncnn  # noqa: F401
+    import cryo_lightning.tasks.denoise  # noqa: F401
+
+    LightningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},  # a requeued run re-enters the same log dir
+        args=args,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``cryol`` console script (and ``python -m cryo_lightning``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_overview())
+        return
+    if args[0] in ("-V", "--version"):
+        print(__version__)
+        return
+    if args[0] in TOOLS:
+        module = importlib.import_module(TOOLS[args[0]][0])
+        module.main(args[1:])
+        return
+    if args[0] not in TRAINER_VERBS:
+        print(f"cryol: unknown subcommand {args[0]!r}\n\n{_overview()}", file=sys.stderr)
+        raise SystemExit(2)
+    if argv is None:
+        _run_lightning(None)  # LightningCLI reads sys.argv itself
+        return
+    # Programmatic call (tests, submitit): hide the host's argv from LightningCLI.
+    saved, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        _run_lightning(args)
+    finally:
+        sys.argv = saved

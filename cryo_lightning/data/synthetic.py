@@ -1,0 +1,159 @@
+"""LightningDataModule streaming synthetic sets of projection images, generated on the device.
+
+The DataLoader only streams *recipes* (a seed and a molecule index per set); the images are made
+in :meth:`SyntheticSetDataModule.on_after_batch_transfer`, i.e. on the training device (GPU when
+present) after the recipe batch has been moved there. Recipes are sharded by DDP rank and
+DataLoader worker, so every rank and worker streams different sets, and a seed always streams the
+same sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cryo_lightning.data.molecule_bank import SPLITS, MoleculeBank, derive_seed
+from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig
+
+__all__ = ["SetRecipeStream", "SyntheticSetDataModule"]
+
+
+class SetRecipeStream(IterableDataset):
+    """Streams ``{"seed", "molecule", "split"}`` recipes for ``n_sets`` sets per epoch.
+
+    The ``n_sets`` set indices of an epoch are split evenly across DDP ranks (each rank gets
+    ``n_sets // world_size``, so every rank yields the same number of batches and DDP cannot
+    hang) and, within a rank, round-robin across DataLoader workers.
+
+    Args:
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        n_sets: sets per epoch over all ranks.
+        n_molecules: size of the split's molecule bank.
+        seed: base seed.
+        vary_per_epoch: draw new sets every epoch (training) or repeat the same ones (evaluation).
+    """
+
+    def __init__(self, split: str, n_sets: int, n_molecules: int, seed: int, vary_per_epoch: bool) -> None:
+        super().__init__()
+        self.split, self.n_sets, self.n_molecules = split, n_sets, n_molecules
+        self.seed, self.vary_per_epoch = seed, vary_per_epoch
+        self.rank, self.world_size = 0, 1
+        self.epoch = 0  # advanced on every pass when vary_per_epoch
+
+    def __len__(self) -> int:
+        return self.n_sets // self.world_size
+
+    def recipe(self, epoch: int, index: int) -> dict[str, int]:
+        """The recipe of global set ``index`` in ``epoch``."""
+        s = derive_seed(self.seed, SPLITS.index(self.split), epoch, index)
+        return {"seed": s, "molecule": s % self.n_molecules, "split": SPLITS.index(self.split)}
+
+    def __iter__(self) -> Iterator[dict[str, int]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch if self.vary_per_epoch else 0
+        if self.vary_per_epoch:
+            self.epoch += 1
+        per_rank = len(self)
+        for j in range(worker, per_rank, n_workers):
+            yield self.recipe(epoch, self.rank * per_rank + j)
+
+
+class SyntheticSetDataModule(pl.LightningDataModule):
+    """Sets of ``N`` noisy projections of one molecule with their clean, CTF-affected targets.
+
+    Batches are dicts (see :class:`~cryo_lightning.data.set_simulator.SetSimulator`) with
+    ``noisy``/``clean`` ``(B, N, L, L)``; ``batch_size`` is per device.
+
+    Args:
+        box: image and volume size ``L`` (pixels).
+        batch_size: sets per batch, per device.
+        simulation: how images are drawn (set size, pixel size, SNR range, CTF, shifts, viewing).
+        n_train_molecules, n_val_molecules, n_test_molecules: procedural molecules per split
+            (disjoint by construction).
+        train_sets_per_epoch, val_sets, test_sets: sets per epoch over all ranks.
+        seed: base seed for molecules and sets.
+        num_workers: DataLoader workers (recipes are tiny, so 0 is usually best).
+    """
+
+    def __init__(
+        self,
+        box: int = 32,
+        batch_size: int = 4,
+        simulation: SimulationConfig | None = None,
+        n_train_molecules: int = 64,
+        n_val_molecules: int = 8,
+        n_test_molecules: int = 8,
+        train_sets_per_epoch: int = 256,
+        val_sets: int = 32,
+        test_sets: int = 32,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.box, self.batch_size, self.seed, self.num_workers = box, batch_size, seed, num_workers
+        self.simulation = simulation if simulation is not None else SimulationConfig()
+        counts = {"train": n_train_molecules, "val": n_val_molecules, "test": n_test_molecules}
+        self.banks = {s: MoleculeBank(box, s, counts[s], seed) for s in SPLITS}
+        self.simulators = {s: SetSimulator(self.banks[s], self.simulation) for s in SPLITS}
+        self.streams = {
+            "train": SetRecipeStream("train", train_sets_per_epoch, n_train_molecules, seed, True),
+            "val": SetRecipeStream("val", val_sets, n_val_molecules, seed, False),
+            "test": SetRecipeStream("test", test_sets, n_test_molecules, seed, False),
+        }
+
+    @property
+    def set_size(self) -> int:
+        return self.simulation.set_size
+
+    @property
+    def pixel_size(self) -> float:
+        return self.simulation.pixel_size
+
+    def setup(self, stage: str | None = None) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            for stream in self.streams.values():
+                stream.rank, stream.world_size = trainer.global_rank, trainer.world_size
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self.streams[split], batch_size=self.batch_size, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,  # keeps each worker's epoch counter
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def simulate(self, recipes: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, Any]:
+        """Images for a batch of recipes (all from one split), on ``device``."""
+        splits = recipes["split"].unique()
+        if len(splits) != 1:
+            raise ValueError("a recipe batch must come from one split")
+        simulator = self.simulators[SPLITS[int(splits[0])]]
+        return simulator(recipes["seed"], recipes["molecule"], device=device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "seed" in batch and "noisy" not in batch:
+            return self.simulate(batch, device=batch["seed"].device)
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        # Resuming continues with new training sets rather than replaying epoch 0's.
+        return {"train_epoch": self.streams["train"].epoch}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.streams["train"].epoch = int(state_dict.get("train_epoch", 0))
