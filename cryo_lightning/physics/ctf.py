@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from cryo_lightning.physics.fourier import fft2c, frequency_grid, ifft2c
@@ -142,7 +143,10 @@ class CTFParams:
         for field, (name, default) in STAR_COLUMNS.items():
             if name not in cols and default is None:
                 raise KeyError(f"CTF column {name} is missing (have: {sorted(cols)})")
-            kwargs[field] = torch.as_tensor(cols.get(name, default), dtype=dtype, device=device)
+            value = cols.get(name, default)
+            if not isinstance(value, torch.Tensor):  # copies read-only numpy views (pandas)
+                value = np.array(value, dtype=np.float64)
+            kwargs[field] = torch.as_tensor(value, dtype=dtype, device=device)
         return cls(**kwargs)
 
     def as_dict(self) -> dict[str, torch.Tensor]:

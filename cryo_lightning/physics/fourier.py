@@ -158,20 +158,26 @@ def fourier_shell_correlation(a: torch.Tensor, b: torch.Tensor, ndim: int) -> to
         a, b: ``(..., L, ..., L)`` real, same shape.
     Returns:
         ``(..., L // 2 + 1)`` correlation per shell; shell ``k`` is frequency ``k / L`` cycles
-        per pixel, i.e. ``k / (L * pixel_size)`` 1/Angstrom.
+        per pixel, i.e. ``k / (L * pixel_size)`` 1/Angstrom. Shells where either signal has no
+        power (below rounding level relative to its strongest shell) get 0, not a ratio of
+        rounding errors.
     """
     A, B = fftc(a, ndim), fftc(b, ndim)
     cross = shell_average((A * B.conj()).real, ndim)
     pa = shell_average(A.abs() ** 2, ndim)
     pb = shell_average(B.abs() ** 2, ndim)
-    return cross / torch.sqrt(pa * pb).clamp_min(torch.finfo(cross.dtype).tiny)
+    eps = 100 * torch.finfo(cross.dtype).eps
+    empty = (pa <= eps * pa.amax(-1, keepdim=True)) | (pb <= eps * pb.amax(-1, keepdim=True))
+    corr = cross / torch.sqrt(pa * pb).clamp_min(torch.finfo(cross.dtype).tiny)
+    return torch.where(empty, torch.zeros_like(corr), corr)
 
 
 def resolution_at(curve: torch.Tensor, threshold: float, L: int, pixel_size: float) -> float:
     """Resolution (Angstrom) where a 1D FSC/FRC curve first falls below ``threshold``.
 
     The crossing is linearly interpolated between shells; shell 0 is ignored. If the curve never
-    falls below the threshold, the Nyquist resolution ``2 * pixel_size`` is returned.
+    falls below the threshold, the Nyquist resolution ``2 * pixel_size`` is returned; if the
+    interpolated crossing is at or below shell 0 (no correlation at all), ``inf``.
 
     Args:
         curve: ``(L // 2 + 1,)`` correlation per shell.

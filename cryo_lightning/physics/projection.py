@@ -141,7 +141,7 @@ def _sample_kaiser_bessel(data: torch.Tensor, index: torch.Tensor, oversampling:
     """
     B, C, Lp = data.shape[0], data.shape[1], data.shape[-1]
     beta = _kb_beta(oversampling)
-    flat = data.reshape(B, C, Lp**3)
+    flat = torch.complex(data[:, 0], data[:, 1]).reshape(B, Lp**3)  # one gather per tap, not two
     pts = index.reshape(B, -1, 3)
     base = torch.floor(pts) - (_KB_WIDTH // 2 - 1)  # first tap per axis
     taps = []  # per axis: (integer positions, weights), each (B, M, W)
@@ -151,14 +151,14 @@ def _sample_kaiser_bessel(data: torch.Tensor, index: torch.Tensor, oversampling:
         w = torch.where((pos >= 0) & (pos <= Lp - 1), w, torch.zeros_like(w))
         taps.append((pos.clamp(0, Lp - 1).long(), w))
     (ix, wx), (iy, wy), (iz, wz) = taps
-    out = flat.new_zeros(B, C, pts.shape[1])
+    out = flat.new_zeros(B, pts.shape[1])
     for a in range(_KB_WIDTH):
         for b in range(_KB_WIDTH):
-            row = iz[..., a] * Lp * Lp + iy[..., b] * Lp  # (B, M)
+            row = iz[..., a] * (Lp * Lp) + iy[..., b] * Lp  # (B, M)
             wzy = wz[..., a] * wy[..., b]
             for c in range(_KB_WIDTH):
-                idx = (row + ix[..., c])[:, None, :].expand(B, C, -1)
-                out = out + torch.gather(flat, 2, idx) * (wzy * wx[..., c])[:, None, :]
+                out = out + torch.gather(flat, 1, row + ix[..., c]) * (wzy * wx[..., c])
+    out = torch.stack([out.real, out.imag], dim=1)
     return out.reshape((B, C) + index.shape[1:-1])
 
 

@@ -9,6 +9,7 @@ from scipy import stats
 from scipy.spatial.transform import Rotation
 
 from cryo_lightning.physics.rotations import (
+    quaternion_to_matrix,
     ViewingDistribution,
     directions_to_rotations,
     euler_to_matrix,
@@ -206,3 +207,12 @@ def test_registration_with_noise():
     assert res.reflected
     assert abs(res.mean_error - 2.0) < 0.2 and res.median_error < 2.5
     assert geodesic_distance(res.rotation, q).item() < 0.5
+
+
+def test_quaternion_is_scalar_first_and_active():
+    theta = 0.3
+    q = torch.tensor([math.cos(theta / 2), 0.0, 0.0, math.sin(theta / 2)], dtype=torch.float64)
+    expected = torch.tensor([[math.cos(theta), -math.sin(theta), 0.0],
+                             [math.sin(theta), math.cos(theta), 0.0],
+                             [0.0, 0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(quaternion_to_matrix(q), expected)
