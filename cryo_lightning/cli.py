@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from cryo_lightning import __version__
+from cryo_lightning.io.errors import InputError
 
 __all__ = ["main", "TRAINER_VERBS", "TOOLS"]
 
@@ -30,7 +31,17 @@ TOOLS = {
         "cryo_lightning.tools.simulate",
         "Simulate a RELION 3.1 dataset (STAR + MRCS + clean stack) from a map, atomic model or random molecule.",
     ),
+    "preprocess": (
+        "cryo_lightning.tools.preprocess",
+        "Downsample, normalise, invert, phase-flip or whiten particles (STAR/.cs in, MRCS + STAR out).",
+    ),
+    "export": (
+        "cryo_lightning.tools.export",
+        "Write a subset of particles by filtering the original STAR or .cs file.",
+    ),
 }
+# What a user can fix: printed as one line without a traceback unless --debug is given.
+USER_ERRORS = (InputError, FileExistsError, FileNotFoundError)
 
 
 def _overview() -> str:
@@ -39,6 +50,7 @@ def _overview() -> str:
         f"cryol {__version__}: learned denoising and ab initio modelling of cryo-EM images",
         "",
         "usage: cryol <subcommand> [options]     (cryol <subcommand> --help for its options)",
+        "       --debug anywhere shows full tracebacks for input errors",
         "",
         "Training (LightningCLI; --config FILE.yaml, --print_config):",
         *(f"  {name:<{width}}  {text}" for name, text in TRAINER_VERBS.items()),
@@ -69,8 +81,25 @@ def _run_lightning(args: Sequence[str] | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``cryol`` console script (and ``python -m cryo_lightning``)."""
+    """Entry point of the ``cryol`` console script (and ``python -m cryo_lightning``).
+
+    User errors (bad input files, existing outputs) print one line and exit with status 2;
+    ``--debug`` shows the full traceback instead.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        _dispatch(args)
+    except Exception as err:
+        if debug or not isinstance(err, USER_ERRORS):
+            raise
+        name = args[0] if args else "cryol"
+        print(f"cryol {name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _dispatch(args: list[str]) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(_overview())
         return
@@ -84,10 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[0] not in TRAINER_VERBS:
         print(f"cryol: unknown subcommand {args[0]!r}\n\n{_overview()}", file=sys.stderr)
         raise SystemExit(2)
-    if argv is None:
-        _run_lightning(None)  # LightningCLI reads sys.argv itself
-        return
-    # Programmatic call (tests, submitit): hide the host's argv from LightningCLI.
+    # LightningCLI gets the arguments explicitly (without --debug), so hide the host's argv.
     saved, sys.argv = sys.argv, sys.argv[:1]
     try:
         _run_lightning(args)

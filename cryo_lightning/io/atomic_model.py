@@ -9,6 +9,7 @@ from pathlib import Path
 import gemmi
 import torch
 
+from cryo_lightning.io.errors import InputError
 from cryo_lightning.physics.volumes import gaussian_density
 
 __all__ = ["AtomicModel", "read_atomic_model", "rasterize_atomic_model"]
@@ -59,9 +60,9 @@ def read_atomic_model(
     try:
         structure = gemmi.read_structure(str(path))
     except Exception as err:  # gemmi raises RuntimeError or ValueError on bad input
-        raise ValueError(f"cannot read atomic model {path}: {err}") from err
+        raise InputError(f"cannot read atomic model {path}: {err}") from err
     if len(structure) == 0 or structure[0].count_atom_sites() == 0:
-        raise ValueError(f"atomic model {path} contains no atoms (is it a PDB/mmCIF file?)")
+        raise InputError(f"atomic model {path} contains no atoms (is it a PDB/mmCIF file?)")
     structure.remove_alternative_conformations()
     coords: list[tuple[float, float, float]] = []
     numbers: list[int] = []
@@ -78,7 +79,7 @@ def read_atomic_model(
                 coords.append((atom.pos.x, atom.pos.y, atom.pos.z))
                 numbers.append(z)
     if not coords:
-        raise ValueError(
+        raise InputError(
             f"atomic model {path} has no atoms left after removing hydrogens/waters "
             f"(keep_hydrogens={keep_hydrogens}, keep_waters={keep_waters})"
         )

@@ -1,6 +1,6 @@
 """User-input errors: one clear message naming the file, the row or column, and the fix."""
 
 
-class InputError(Exception):
+class InputError(ValueError):
     """Bad user input (missing column or stack, size mismatch, ...). The CLI prints the message
     without a traceback (full traceback with --debug)."""

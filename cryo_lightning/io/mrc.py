@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cryo_lightning.io.atomic_write import atomic_path
+from cryo_lightning.io.errors import InputError
 
 __all__ = [
     "MapData",
@@ -38,7 +39,7 @@ _READABLE_MODES = {0, 1, 2, 6, 12}
 _WRITE_MODES = {torch.float32: 2, torch.float16: 12}
 
 
-class MrcReadError(ValueError):
+class MrcReadError(InputError):
     """An MRC file could not be read or has unsupported content (the message names the file)."""
 
 
@@ -158,13 +159,13 @@ def require_cubic(m: MapData, rel_tol: float = 1e-3) -> MapData:
     """
     shape = tuple(m.data.shape)
     if len(set(shape)) != 1:
-        raise ValueError(
+        raise InputError(
             f"{m.path}: map has shape {shape} (z, y, x) but a cubic box is needed; "
             "pad or crop it to a cube first (e.g. relion_image_handler --new_box)"
         )
     known = [v for v in m.voxel_size if v > 0]
     if known and (max(known) - min(known)) > rel_tol * max(known):
-        raise ValueError(
+        raise InputError(
             f"{m.path}: anisotropic voxels {m.voxel_size} Angstrom (x, y, z); "
             "resample the map to isotropic voxels first"
         )

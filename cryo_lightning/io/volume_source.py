@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from cryo_lightning.io.atomic_model import rasterize_atomic_model, read_atomic_model
+from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import read_map, require_cubic
 from cryo_lightning.physics.volumes import random_molecule, resample_volume
 
@@ -61,6 +62,6 @@ def load_volume(
         m = require_cubic(read_map(path))
         source_pixel = map_pixel_size or m.pixel_size
         if source_pixel is None:
-            raise ValueError(f"{path}: the map header has no pixel size; pass it with --map-pixel-size")
+            raise InputError(f"{path}: the map header has no pixel size; pass it with --map-pixel-size")
         return resample_volume(m.data, source_pixel, pixel_size, box).float()
-    raise ValueError(f"{path}: unknown volume format {kind!r}; use {MAP_SUFFIXES} maps or {MODEL_SUFFIXES} models")
+    raise InputError(f"{path}: unknown volume format {kind!r}; use {MAP_SUFFIXES} maps or {MODEL_SUFFIXES} models")

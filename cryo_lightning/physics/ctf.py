@@ -197,11 +197,16 @@ def _ctf(params: CTFParams, s2: torch.Tensor, alpha: torch.Tensor, n_grid: int) 
     lam = electron_wavelength(b(params.voltage))
     theta = torch.deg2rad(b(params.defocus_angle))
     du, dv = b(params.defocus_u), b(params.defocus_v)
-    defocus = 0.5 * (du + dv) + 0.5 * (du - dv) * torch.cos(2.0 * (alpha - theta))
+    # cos(2(alpha - theta)) expanded, so the per-pixel trigonometry is shared by the batch.
+    astig = torch.cos(2.0 * alpha) * torch.cos(2.0 * theta) + torch.sin(2.0 * alpha) * torch.sin(2.0 * theta)
+    defocus = 0.5 * (du + dv) + 0.5 * (du - dv) * astig
     chi = -math.pi * lam * defocus * s2 + (math.pi / 2) * (b(params.cs) * 1e7) * lam**3 * s2**2
     q = b(params.amplitude_contrast)
-    gamma = chi - torch.deg2rad(b(params.phase_shift)) - torch.atan(q / torch.sqrt(1.0 - q * q))
-    return -b(params.scale) * torch.sin(gamma) * torch.exp(-b(params.bfactor) * s2 / 4.0)
+    gamma = chi - (torch.deg2rad(b(params.phase_shift)) + torch.atan(q / torch.sqrt(1.0 - q * q)))
+    ctf = -b(params.scale) * torch.sin(gamma)
+    if bool((params.bfactor != 0).any()):
+        ctf = ctf * torch.exp(-b(params.bfactor) * s2 / 4.0)
+    return ctf
 
 
 def ctf_1d(params: CTFParams, s: torch.Tensor, angle: float | torch.Tensor = 0.0) -> torch.Tensor:

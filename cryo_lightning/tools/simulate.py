@@ -28,9 +28,11 @@ from tqdm import tqdm
 from cryo_lightning.data.molecule_bank import derive_seed
 from cryo_lightning.data.set_simulator import random_viewing_distribution
 from cryo_lightning.io.atomic_write import atomic_path, check_overwrite
+from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter, write_map
 from cryo_lightning.io.star import image_names, optics_block, write_particles_star
 from cryo_lightning.io.volume_source import load_volume
+from cryo_lightning.tools.common import pick_device
 from cryo_lightning.physics.ctf import ctf_2d, random_ctf_params
 from cryo_lightning.physics.image_formation import clean_images
 from cryo_lightning.physics.noise import disk_mask
@@ -88,7 +90,7 @@ def _draw_poses_and_ctf(s: SimulateSettings, device: torch.device):
         dist = random_viewing_distribution(3, (2.0, 10.0), g)
         rotations = dist.sample(s.n_images, generator=g, dtype=torch.float64)
     else:
-        raise ValueError(f"--viewing must be 'uniform' or 'vmf', got {s.viewing!r}")
+        raise InputError(f"--viewing must be 'uniform' or 'vmf', got {s.viewing!r}")
     # The STAR angles are the record; the images are made from exactly these angles.
     angles = matrix_to_euler(rotations).round(decimals=6)
     origins = ((2 * torch.rand(s.n_images, 2, generator=g, dtype=torch.float64) - 1) * s.max_shift).round(decimals=6)
@@ -127,10 +129,9 @@ def simulate(s: SimulateSettings) -> dict[str, Path]:
     for p in paths.values():  # fail before any work
         check_overwrite(p, s.overwrite)
     if s.n_images < 1 or s.snr <= 0 or s.box < 8:
-        raise ValueError(f"need --n-images >= 1, --snr > 0 and --box >= 8 (got {s.n_images}, {s.snr}, {s.box})")
+        raise InputError(f"need --n-images >= 1, --snr > 0 and --box >= 8 (got {s.n_images}, {s.snr}, {s.box})")
     Path(s.out).mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if s.device == "auto" else s.device)
+    device = pick_device(s.device)
 
     volume = load_volume(s.volume, s.box, s.pixel_size, s.map_pixel_size, s.resolution, s.seed)
     write_map(paths["volume"], volume, s.pixel_size, overwrite=s.overwrite)
@@ -218,11 +219,7 @@ def main(argv: list[str] | None = None) -> SimulateSettings:
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     ns_dict = {k: v for k, v in vars(ns).items() if k in SimulateSettings.__dataclass_fields__}
     settings = SimulateSettings(**ns_dict)
-    try:
-        paths = simulate(settings)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"cryol simulate: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    paths = simulate(settings)
     print(f"Wrote {settings.n_images} images to {paths['stack']} (clean: {paths['clean'].name}), "
           f"STAR {paths['star']}, volume {paths['volume']}")
     return settings

@@ -17,7 +17,11 @@ from cryo_lightning.physics.noise import empirical_snr
 from cryo_lightning.physics.projection import volume_spectrum
 from cryo_lightning.physics.rotations import euler_to_matrix
 from cryo_lightning.physics.volumes import random_molecule
-from cryo_lightning.tools.simulate import main
+from cryo_lightning.cli import main as cryol
+
+
+def main(args):
+    cryol(["simulate", *args])
 
 ARGS = ["--n-images", "60", "--box", "32", "--pixel-size", "5.0", "--snr", "0.1", "--max-shift", "2",
         "--chunk-size", "25", "--seed", "4"]

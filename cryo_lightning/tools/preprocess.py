@@ -1,0 +1,100 @@
+"""``cryol preprocess``: downsample, normalise, invert, phase-flip or whiten a particle stack.
+
+Example::
+
+    cryol preprocess --star particles.star --downsample 64 --out prep/
+
+reads a RELION STAR (3.0, 3.1/4, 5) or cryoSPARC .cs file and its stacks, and writes
+``prep/<stem>.mrcs`` (the processed images, in the input's particle order) and ``prep/<stem>.star``
+(RELION 3.1: every original column kept, image names pointing at the new stack, pixel size and
+box updated in a complete optics block).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cryo_lightning.data.particles import estimate_noise_psd, metadata_batch, open_particles
+from cryo_lightning.data.preprocess import CTF_MODES, PreprocessConfig, Preprocessor
+from cryo_lightning.io.atomic_write import check_overwrite
+from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.mrc import StackWriter
+from cryo_lightning.io.particle_writer import write_star_for_stack
+from cryo_lightning.tools.common import parse_assume, pick_device, tool_parser
+
+__all__ = ["preprocess", "main"]
+
+
+def preprocess(
+    star: str,
+    out: str,
+    config: PreprocessConfig,
+    datadir: str | None = None,
+    pixel_size: float | None = None,
+    assume: dict[str, float] | None = None,
+    stem: str | None = None,
+    batch_size: int = 256,
+    float16: bool = False,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> tuple[Path, Path]:
+    """Preprocess every particle of ``star`` (STAR or .cs) into a new stack + STAR in ``out``."""
+    source = open_particles(star, datadir, pixel_size, assume)
+    for message in source.warnings:
+        print(f"cryol preprocess: warning: {message}", file=sys.stderr)
+    stem = stem or Path(star).stem
+    out_dir = Path(out)
+    stack_path, star_path = out_dir / f"{stem}.mrcs", out_dir / f"{stem}.star"
+    inputs = {Path(star).resolve(), *(info.path.resolve() for info in source.reader.infos)}
+    for path in (stack_path, star_path):
+        if path.resolve() in inputs:
+            raise InputError(f"{path} is an input file; inputs are never overwritten: choose another --out or --stem")
+        check_overwrite(path, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+
+    processor = Preprocessor(config, source.box)
+    if config.whiten:
+        processor.noise_psd = estimate_noise_psd(source, processor)
+    n, L_out = len(source), processor.out_box
+    pixel_out = np.empty(n)
+    with StackWriter(stack_path, n, L_out, float(source.table.particles["pixel_size_A"].median() * source.box / L_out),
+                     dtype=torch.float16 if float16 else torch.float32, overwrite=overwrite) as writer:
+        for start in tqdm(range(0, n, batch_size), desc="preprocessing", unit="batch", disable=None):
+            rows = np.arange(start, min(start + batch_size, n))
+            meta = metadata_batch(source, rows)
+            result = processor(torch.from_numpy(source.read(rows)).to(dev), meta["pixel_size_A"].to(dev),
+                               meta["data_sign"].to(dev), meta["ctf_params"], source.ctf_mode(config))
+            writer.write(result["images"].cpu())
+            pixel_out[rows] = result["pixel_size"].cpu().numpy()
+    write_star_for_stack(source.table, star_path, stack_path, L_out, pixel_out, overwrite=overwrite)
+    return stack_path, star_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``cryol preprocess`` arguments and run :func:`preprocess`."""
+    p = tool_parser("cryol preprocess", __doc__)
+    p.add_argument("--star", required=True, help="particles: RELION .star or cryoSPARC .cs")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--downsample", type=int, default=None, help="output box size (Fourier crop)")
+    p.add_argument("--normalize", type=bool, default=True, help="background mean 0 and std 1 (true/false)")
+    p.add_argument("--background-radius", type=float, default=0.75, help="background starts at this fraction of L/2")
+    p.add_argument("--invert-contrast", type=bool, default=False, help="multiply by -1 (on top of the data sign)")
+    p.add_argument("--phase-flip", type=bool, default=False, help="phase-flip the images with their CTF")
+    p.add_argument("--whiten", type=bool, default=False, help="whiten by the noise spectrum of the background")
+    p.add_argument("--ctf-mode", type=str, default=None, help=f"override what the stored images are: {CTF_MODES}")
+    p.add_argument("--float16", type=bool, default=False, help="write the stack as float16 (MRC mode 12)")
+    p.add_argument("--batch-size", type=int, default=256, help="images processed at a time")
+    p.add_argument("--stem", type=str, default=None, help="output file stem (default: the input's)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    config = PreprocessConfig(downsample=args.downsample, normalize=args.normalize,
+                              background_radius=args.background_radius, invert_contrast=args.invert_contrast,
+                              ctf_mode=args.ctf_mode, phase_flip=args.phase_flip, whiten=args.whiten)
+    stack, star = preprocess(args.star, args.out, config, args.datadir, args.pixel_size, parse_assume(args.assume),
+                             args.stem, args.batch_size, args.float16, args.device, args.overwrite)
+    print(f"Wrote {stack} and {star}")
