@@ -66,7 +66,8 @@ def _run_lightning(args: Sequence[str] | None) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
-    import cryo_lightning.data.synthetic  # noqa: F401  (short class names in configs)
+    import cryo_lightning.data.particles  # noqa: F401  (short class names in configs)
+    import cryo_lightning.data.synthetic  # noqa: F401
     import cryo_lightning.models.dncnn  # noqa: F401
     import cryo_lightning.tasks.denoise  # noqa: F401
 

@@ -31,39 +31,11 @@ import torch
 
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.particle_table import ParticleTable, canonical_frame, clean_stack_names
-from cryo_lightning.physics.rotations import matrix_to_euler
+from cryo_lightning.physics.rotations import matrix_to_euler, rotvec_to_matrix
 
-__all__ = ["read_cryosparc", "rotvec_to_matrix", "flatten_fields"]
+__all__ = ["read_cryosparc", "flatten_fields"]
 
 _REQUIRED_CTF_FIELDS = ("ctf/df1_A", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast")
-
-
-def rotvec_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
-    """Rodrigues' formula: axis-angle vectors to active rotation matrices.
-
-    ``R = I + sin(t) K + (1 - cos(t)) K^2`` with ``t = |r|`` and ``K`` the cross-product matrix of
-    ``r / t``, written as ``I + a [r]x + b [r]x^2`` with ``a = sin(t)/t`` and
-    ``b = (1 - cos(t))/t^2`` so that ``r = 0`` needs no special case (Taylor series below 1e-4).
-
-    Args:
-        rotvec: ``(..., 3)`` rotation vectors (axis times angle in radians), ``(x, y, z)``.
-
-    Returns:
-        ``(..., 3, 3)`` rotation matrices, same dtype and device (scipy's ``from_rotvec``).
-    """
-    t2 = (rotvec * rotvec).sum(-1)
-    t = t2.sqrt()
-    small = t < 1e-4
-    safe_t = torch.where(small, torch.ones_like(t), t)
-    a = torch.where(small, 1 - t2 / 6, safe_t.sin() / safe_t)
-    b = torch.where(small, 0.5 - t2 / 24, (1 - safe_t.cos()) / (safe_t * safe_t))
-    x, y, z = rotvec.unbind(-1)
-    zero = torch.zeros_like(x)
-    k = torch.stack(
-        [torch.stack([zero, -z, y], -1), torch.stack([z, zero, -x], -1), torch.stack([-y, x, zero], -1)], -2
-    )
-    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)
-    return eye + a[..., None, None] * k + b[..., None, None] * (k @ k)
 
 
 def flatten_fields(data: np.ndarray) -> pd.DataFrame:

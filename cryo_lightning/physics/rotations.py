@@ -32,6 +32,7 @@ __all__ = [
     "geodesic_distance",
     "RegistrationResult",
     "register_rotations",
+    "rotvec_to_matrix",
 ]
 
 # z-mirror relating the two hands of an ab initio reconstruction (see ``register_rotations``).
@@ -315,3 +316,31 @@ def register_rotations(est: torch.Tensor, ref: torch.Tensor) -> RegistrationResu
             )
     assert best is not None
     return best
+
+
+def rotvec_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
+    """Rodrigues' formula: axis-angle vectors to active rotation matrices.
+
+    ``R = I + sin(t) K + (1 - cos(t)) K^2`` with ``t = |r|`` and ``K`` the cross-product matrix of
+    ``r / t``, written as ``I + a [r]x + b [r]x^2`` with ``a = sin(t)/t`` and
+    ``b = (1 - cos(t))/t^2`` so that ``r = 0`` needs no special case (Taylor series below 1e-4).
+
+    Args:
+        rotvec: ``(..., 3)`` rotation vectors (axis times angle in radians), ``(x, y, z)``.
+
+    Returns:
+        ``(..., 3, 3)`` rotation matrices, same dtype and device (scipy's ``from_rotvec``).
+    """
+    t2 = (rotvec * rotvec).sum(-1)
+    t = t2.sqrt()
+    small = t < 1e-4
+    safe_t = torch.where(small, torch.ones_like(t), t)
+    a = torch.where(small, 1 - t2 / 6, safe_t.sin() / safe_t)
+    b = torch.where(small, 0.5 - t2 / 24, (1 - safe_t.cos()) / (safe_t * safe_t))
+    x, y, z = rotvec.unbind(-1)
+    zero = torch.zeros_like(x)
+    k = torch.stack(
+        [torch.stack([zero, -z, y], -1), torch.stack([z, zero, -x], -1), torch.stack([-y, x, zero], -1)], -2
+    )
+    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)
+    return eye + a[..., None, None] * k + b[..., None, None] * (k @ k)

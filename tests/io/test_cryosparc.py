@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from cryo_lightning.io.cryosparc import read_cryosparc, rotvec_to_matrix
+from cryo_lightning.io.cryosparc import read_cryosparc
+from cryo_lightning.physics.rotations import rotvec_to_matrix
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.particle_table import COLUMNS, DTYPES, ParticleTable, read_particles
 from cryo_lightning.physics.rotations import matrix_to_euler

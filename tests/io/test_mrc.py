@@ -214,3 +214,15 @@ def test_legacy_header_stack(shared_data):
     raw, _ = _raw(path)
     assert stack.shape == (5, 64, 64) and stack.dtype == torch.float32
     assert np.array_equal(stack.numpy(), raw)
+
+
+def test_emd_3197_nonzero_start_and_cryojax_potential(shared_data):
+    """Two more real maps: EMDB's 20^3 map with nxstart = -2, and a 64^3 potential at 4.4 A."""
+    emd = read_map(shared_data / "real" / "mrcfile" / "EMD-3197.map")
+    assert tuple(emd.data.shape) == (20, 20, 20) and emd.pixel_size == pytest.approx(11.4)
+    with mrcfile.open(shared_data / "real" / "mrcfile" / "EMD-3197.map", permissive=True) as f:
+        assert int(f.header.nxstart) == -2  # the map's data are read as stored, not shifted
+        np.testing.assert_array_equal(emd.data.numpy(), f.data)
+    potential = require_cubic(read_map(shared_data / "real" / "cryojax" / "3j9g_potential_ps4_4.mrc"))
+    assert tuple(potential.data.shape) == (64, 64, 64) and potential.pixel_size == pytest.approx(4.4)
+    assert float(potential.data.min()) >= -1e-6  # a scattering potential is non-negative
