@@ -1,0 +1,137 @@
+"""Polar set transformer: denoises a set of projections of one molecule by rotational attention.
+
+Each image attends to every other image of its set *and* to every in-plane rotation of it: the
+attention logits are learned, CTF-sign-corrected circular cross-correlations of the images' polar
+spectra (``H`` heads with learned radial weightings), so attention is learned clustering (which
+images show similar views) and alignment (at which rotation) at once. The values are the other
+images' spectra rotated accordingly, combined as a CTF-weighted (Wiener) average of the aligned
+images, then shrunk by a per-set Wiener gain with a learned per-radius noise inflation, and
+multiplied by the target image's own CTF (the target is the clean, CTF-affected image).
+
+In-plane rotation is handled by construction: rotating any input image by ``2 pi s / T`` shifts
+its polar spectrum by ``s`` samples, which the circular correlations absorb, so the output rotates
+with the input (up to polar interpolation). Any set size works; cost grows as ``N^2 R T``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cryo_lightning.models.polar import PolarSpectrum
+from cryo_lightning.physics.noise import estimate_noise_variance
+
+__all__ = ["PolarSetTransformer"]
+
+
+class PolarSetTransformer(nn.Module):
+    """Learned rotational attention + Wiener averaging over a set of images.
+
+    Args:
+        L: image size (pixels).
+        n_radii: polar radii ``R`` from 0 to Nyquist.
+        n_angles: polar angles ``T`` (in-plane rotation resolution ``360 / T`` degrees).
+        heads: attention heads (each with its own radial weighting and temperature).
+        similarity_radius: fraction of Nyquist used for the attention correlations (the low
+            frequencies carry the signal at low SNR).
+    """
+
+    def __init__(self, L: int = 32, n_radii: int = 33, n_angles: int = 128, heads: int = 4,
+                 similarity_radius: float = 0.5, layers: int = 2) -> None:
+        super().__init__()
+        self.L, self.heads = L, heads
+        self.polar = PolarSpectrum(L, n_radii, n_angles)
+        self.n_sim = max(2, int(round(similarity_radius * (n_radii - 1))) + 1)
+        self.layers = nn.ModuleList(_RotationalAttention(n_radii, self.n_sim, heads) for _ in range(layers))
+
+    def forward(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
+                noise_variance: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise sets.
+
+        Args:
+            noisy: ``(B, N, L, L)`` images (any units).
+            ctf: ``(B, N, L, L)`` centred CTF of each image, or None (no CTF).
+            noise_variance: ``(B,)`` white-noise variance per set; None: estimated from the
+                corners outside the inscribed disk.
+        Returns:
+            ``(B, N, L, L)`` estimates of the clean, CTF-affected images.
+        """
+        B, N, L, _ = noisy.shape
+        if ctf is None:
+            ctf = torch.ones_like(noisy)
+        if noise_variance is None:
+            noise_variance = estimate_noise_variance(noisy).mean(-1)
+        spec = self.polar(noisy.float())  # (B, N, R, T) complex
+        c = self.polar.sample_ctf(ctf.float())  # (B, N, R, T) real
+        noise = noise_variance.float()[:, None, None, None] * L * L  # per Fourier coefficient
+        # The radial signal spectrum S(r) of the projections, for the Wiener gains.
+        power = spec.abs().square().mean((1, 3))  # (B, R)
+        c2_mean = (c * c).mean((1, 3)).clamp_min(1e-3)
+        signal = ((power - noise[:, :, 0, 0]) / c2_mean).clamp_min(0)[:, None, :, None]  # (B, 1, R, 1)
+        estimate = spec  # the first layer compares the noisy images themselves
+        for layer in self.layers:
+            # Later layers find neighbours and rotations from the previous, cleaner estimates.
+            estimate = layer(estimate[:, :, : self.n_sim], spec, c, noise, signal)
+        return self.polar.inverse(estimate)
+
+
+class _RotationalAttention(nn.Module):
+    """One layer: attention over (image, in-plane rotation) pairs, then Wiener averaging."""
+
+    def __init__(self, n_radii: int, n_sim: int, heads: int) -> None:
+        super().__init__()
+        # Radial weights of the similarity (softplus), one profile per head, varied at init.
+        init = torch.linspace(0, 1, n_sim)[None, :] * torch.linspace(-2, 2, heads)[:, None]
+        self.similarity_weight = nn.Parameter(init)
+        self.log_temperature = nn.Parameter(torch.full((heads,), math.log(20.0)))
+        self.head_logits = nn.Parameter(torch.zeros(heads))
+        self.self_weight = nn.Parameter(torch.tensor(-2.0))  # softplus -> weight of the image itself
+        self.noise_inflation = nn.Parameter(torch.zeros(n_radii))  # softplus(.)/softplus(0) = 1 at init
+
+    def _attention(self, query: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over (other image j, rotation delta), as angular spectra of the weights and
+        of their squares, heads mixed: two ``(B, N, N, T)`` complex tensors."""
+        N, T = query.shape[1], query.shape[-1]
+        g = torch.sign(c[:, :, : query.shape[2]]) * query
+        w = F.softplus(self.similarity_weight)  # (H, Rs)
+        gh = g[:, None] * w[None, :, None, :, None]  # (B, H, N, Rs, T)
+        gh = gh / gh.abs().square().sum((-1, -2), keepdim=True).clamp_min(1e-12).sqrt()
+        G = torch.fft.fft(gh, dim=-1)  # angular frequencies
+        cross = torch.einsum("bhirm,bhjrm->bhijm", G.conj(), G)  # (B, H, N, N, T)
+        corr = torch.fft.ifft(cross, dim=-1).real * T  # sum_theta g_i(theta) g_j(theta + delta)
+        logits = corr * self.log_temperature.exp()[None, :, None, None, None]
+        eye = torch.eye(N, dtype=torch.bool, device=query.device)[None, None, :, :, None]
+        logits = logits.masked_fill(eye, float("-inf"))
+        attn = torch.softmax(logits.flatten(-2), dim=-1).reshape(logits.shape)  # over (j, delta)
+        # y(theta) = sum_d a(d) x(theta + d)  <=>  Y(m) = conj(A(m)) X(m) for real a.
+        head_w = torch.softmax(self.head_logits, 0)[None, :, None, None, None]
+        A = (torch.fft.fft(attn, dim=-1).conj() * head_w).sum(1)
+        A2 = (torch.fft.fft(attn.square(), dim=-1).conj() * head_w).sum(1)
+        return A, A2
+
+    def forward(self, query: torch.Tensor, spec: torch.Tensor, c: torch.Tensor, noise: torch.Tensor,
+                signal: torch.Tensor) -> torch.Tensor:
+        """``query`` (B, N, Rs, T) spectra compared for attention; ``spec``/``c`` (B, N, R, T) the
+        noisy polar spectra and CTFs; ``noise`` (B, 1, 1, 1) and ``signal`` (B, 1, R, 1) per
+        Fourier coefficient. Returns the (B, N, R, T) estimate of the clean CTF-affected spectra."""
+        cf = torch.fft.fft(c * spec, dim=-1)  # (B, N, R, T)
+        c2 = torch.fft.fft(c * c, dim=-1)
+        if spec.shape[1] > 1:
+            A, A2 = self._attention(query, c)
+            num = torch.fft.ifft(torch.einsum("bijm,bjrm->birm", A, cf), dim=-1)
+            den = torch.fft.ifft(torch.einsum("bijm,bjrm->birm", A, c2), dim=-1).real
+            den2 = torch.fft.ifft(torch.einsum("bijm,bjrm->birm", A2, c2), dim=-1).real
+        else:  # a set of one: nothing to attend to
+            num, den, den2 = torch.zeros_like(spec), torch.zeros_like(c), torch.zeros_like(c)
+        gamma = F.softplus(self.self_weight)
+        num = num + gamma * c * spec
+        den = den + gamma * c * c
+        den2 = den2 + gamma**2 * c * c
+        average = num / den.clamp_min(1e-6)  # estimate of the projection spectrum in image i's frame
+        average_noise = noise * den2 / den.clamp_min(1e-6).square()
+        inflation = F.softplus(self.noise_inflation) / math.log(2.0)
+        gain = signal / (signal + inflation[None, None, :, None] * average_noise + 1e-12)
+        return c * gain * average
