@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -109,10 +110,15 @@ def open_particles(
     pixel_warning = check_pixel_size(reader.infos, float(df["pixel_size_A"].median()), Path(path))
     if pixel_warning:
         warnings.append(pixel_warning)
+    optics = table.blocks.get("optics")
+    flipped = isinstance(optics, pd.DataFrame) and "rlnCtfDataArePhaseFlipped" in optics \
+        and bool((optics["rlnCtfDataArePhaseFlipped"] == 1).any())
     if not table.has_ctf:
         mode = "none"
     elif df["ctf_premultiplied"].any():
         mode = "premultiplied"
+    elif flipped:
+        mode = "phase_flipped"
     else:
         mode = "full"
     return ParticleSource(table, reader, stack_ids, stack_indices, box, mode, warnings)

@@ -53,8 +53,13 @@ def _new_optics(canon: pd.DataFrame, box: int, ctf_premultiplied: bool) -> tuple
     return optics, group.reshape(-1) + 1
 
 
+def _as_table(block: pd.DataFrame | dict | None) -> pd.DataFrame | None:
+    """starfile returns a dict for a key-value block (a single optics group written without loop_)."""
+    return pd.DataFrame([block]) if isinstance(block, dict) else block
+
+
 def star_blocks_for_stack(
-    table: ParticleTable, stack_file: str, box: int, pixel_size: np.ndarray
+    table: ParticleTable, stack_file: str, box: int, pixel_size: np.ndarray, ctf_mode: str | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Optics and particles blocks describing ``table``'s particles stored in order in ``stack_file``.
 
@@ -64,6 +69,8 @@ def star_blocks_for_stack(
             STAR file's folder).
         box: the new box size.
         pixel_size: ``(n,)`` new pixel size per particle (Angstrom).
+        ctf_mode: what the new images are (``"phase_flipped"`` and ``"premultiplied"`` are recorded
+            as ``rlnCtfDataArePhaseFlipped`` / ``rlnCtfDataAreCtfPremultiplied`` in the optics block).
     Returns:
         ``(optics, particles)`` DataFrames.
     """
@@ -84,18 +91,30 @@ def star_blocks_for_stack(
                 particles[dst] = values
     particles["rlnImageName"] = image_names(stack_file, n)
 
-    optics_in = table.blocks.get("optics")
+    optics_in = _as_table(table.blocks.get("optics"))
     if optics_in is not None and "rlnOpticsGroup" in particles:
         used = np.unique(particles["rlnOpticsGroup"].to_numpy())
         optics = optics_in[optics_in["rlnOpticsGroup"].isin(used)].reset_index(drop=True).copy()
+        groups = particles["rlnOpticsGroup"].to_numpy()
         for i, group in enumerate(optics["rlnOpticsGroup"]):
-            members = particles["rlnOpticsGroup"].to_numpy() == group
+            members = groups == group
             optics.loc[i, "rlnImagePixelSize"] = float(np.median(out_canon["pixel_size_A"].to_numpy()[members]))
+            # Values the reader had to assume (--assume) are written, so the output reads back.
+            for src, column in _OPTICS_KEYS.items():
+                if column not in optics_in and column not in particles:
+                    value = out_canon[src].to_numpy()[members]
+                    if not np.isnan(value).all():
+                        optics.loc[i, column] = float(np.nanmedian(value))
         optics["rlnImageSize"] = box
         optics["rlnImageDimensionality"] = 2
     else:
         optics, group = _new_optics(out_canon, box, premultiplied)
         particles["rlnOpticsGroup"] = group
+
+    if ctf_mode == "phase_flipped":
+        optics["rlnCtfDataArePhaseFlipped"] = 1
+    elif ctf_mode == "premultiplied":
+        optics["rlnCtfDataAreCtfPremultiplied"] = 1
 
     # Pixel-unit columns must describe the new pixels; Angstrom columns are unchanged.
     for column in ("rlnOriginX", "rlnOriginY"):
@@ -120,6 +139,7 @@ def write_star_for_stack(
     box: int,
     pixel_size: np.ndarray,
     overwrite: bool = False,
+    ctf_mode: str | None = None,
 ) -> Path:
     """Write the RELION 3.1 STAR for a new stack holding ``table``'s particles in order.
 
@@ -130,7 +150,7 @@ def write_star_for_stack(
         name = os.path.relpath(stack_path, star_path.parent)
     except ValueError:  # different drives
         name = str(stack_path)
-    optics, particles = star_blocks_for_stack(table, name, box, pixel_size)
+    optics, particles = star_blocks_for_stack(table, name, box, pixel_size, ctf_mode)
     return write_particles_star(star_path, optics, particles, overwrite=overwrite)
 
 
@@ -161,7 +181,7 @@ def export_subset(
     particles = table.blocks[table.particle_block].iloc[rows].reset_index(drop=True)
     blocks[table.particle_block] = particles
     if "optics" in blocks and "rlnOpticsGroup" in particles:
-        optics = blocks["optics"]
+        optics = _as_table(blocks["optics"])
         blocks["optics"] = optics[optics["rlnOpticsGroup"].isin(particles["rlnOpticsGroup"].unique())].reset_index(drop=True)
     import starfile  # local: only this path writes arbitrary block layouts
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tool_parser", "pick_device", "parse_assume"]
+from cryo_lightning.io.errors import InputError
+
+__all__ = ["tool_parser", "add_flag", "pick_device", "parse_assume"]
 
 
 def tool_parser(prog: str, doc: str | None, particles: bool = True):
@@ -13,19 +15,28 @@ def tool_parser(prog: str, doc: str | None, particles: bool = True):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     text = (doc or "").strip()
-    parser = ArgumentParser(prog=prog, description=text.split("\n\n")[0],
-                            epilog="\n\n".join(text.split("\n\n")[1:2]) or None)
+    paragraphs = text.split("\n\n")
+    parser = ArgumentParser(prog=prog, description=paragraphs[0],
+                            epilog="\n\n".join(paragraphs[1:3]) or None)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
     if particles:
         parser.add_argument("--datadir", type=str | None, default=None,
                             help="folder holding the stacks, when the metadata's paths do not resolve")
         parser.add_argument("--pixel-size", type=float | None, default=None,
                             help="pixel size (Angstrom) for files without one")
-        parser.add_argument("--assume", type=list[str], default=[],
-                            help="values for missing CTF columns, e.g. --assume amplitude_contrast=0.1")
+        parser.add_argument("--assume", type=str | None, default=None,
+                            help="values for missing CTF columns, e.g. --assume amplitude_contrast=0.1 "
+                                 "or --assume voltage=300,cs=2.7")
         parser.add_argument("--device", type=str, default="auto", help="'auto', 'cpu' or 'cuda'")
-        parser.add_argument("--overwrite", type=bool, default=False, help="replace existing outputs (never inputs)")
+        add_flag(parser, "--overwrite", False, "replace existing outputs (never inputs)")
     return parser
+
+
+def add_flag(parser, name: str, default: bool, help: str) -> None:
+    """A boolean option given as ``--name`` / ``--no-name``."""
+    from jsonargparse import ActionYesNo
+
+    parser.add_argument(name, action=ActionYesNo(no_prefix="no-"), default=default, help=help)
 
 
 def pick_device(name: str) -> torch.device:
@@ -35,15 +46,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def parse_assume(items: list[str] | None) -> dict[str, float]:
-    """``["amplitude_contrast=0.1", "voltage=300"]`` -> ``{"amplitude_contrast": 0.1, ...}``."""
+def parse_assume(text: str | None) -> dict[str, float]:
+    """``"amplitude_contrast=0.1,voltage=300"`` -> ``{"amplitude_contrast": 0.1, "voltage": 300.0}``."""
     values = {}
-    for item in items or []:
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
         key, sep, value = item.partition("=")
         try:
             if not sep:
                 raise ValueError
             values[key.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"--assume expects NAME=VALUE (e.g. amplitude_contrast=0.1), got {item!r}") from None
+            raise InputError(f"--assume expects NAME=VALUE[,NAME=VALUE...] (e.g. amplitude_contrast=0.1), "
+                             f"got {item!r}") from None
     return values

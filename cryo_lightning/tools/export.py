@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=str | None, default=None, help="text file of 0-based rows to keep")
     p.add_argument("--random-subset", type=int | None, default=None, help="keep this RELION half-set (1 or 2)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    # Filtering rows needs no pixel size: a placeholder keeps files without one readable.
     table = read_particles(args.star, pixel_size=args.pixel_size or 1.0, assume=parse_assume(args.assume))
     rows = np.arange(len(table))
     if args.rows:
@@ -41,5 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.random_subset is not None:
         keep = table.particles["random_subset"].to_numpy()[rows] == args.random_subset
         rows = rows[keep]
+        if len(rows) == 0:
+            raise InputError(f"{args.star}: no particle has rlnRandomSubset {args.random_subset}")
     out = export_subset(table, rows, args.out, overwrite=args.overwrite)
     print(f"Wrote {len(rows)} of {len(table)} particles to {out}")

@@ -25,7 +25,7 @@ from cryo_lightning.io.atomic_write import check_overwrite
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter
 from cryo_lightning.io.particle_writer import write_star_for_stack
-from cryo_lightning.tools.common import parse_assume, pick_device, tool_parser
+from cryo_lightning.tools.common import add_flag, parse_assume, pick_device, tool_parser
 
 __all__ = ["preprocess", "main"]
 
@@ -72,7 +72,8 @@ def preprocess(
                                meta["data_sign"].to(dev), meta["ctf_params"], source.ctf_mode(config))
             writer.write(result["images"].cpu())
             pixel_out[rows] = result["pixel_size"].cpu().numpy()
-    write_star_for_stack(source.table, star_path, stack_path, L_out, pixel_out, overwrite=overwrite)
+    write_star_for_stack(source.table, star_path, stack_path, L_out, pixel_out, overwrite=overwrite,
+                         ctf_mode=processor.ctf_mode(source.ctf_mode(config)))
     return stack_path, star_path
 
 
@@ -82,19 +83,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--star", required=True, help="particles: RELION .star or cryoSPARC .cs")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--downsample", type=int, default=None, help="output box size (Fourier crop)")
-    p.add_argument("--normalize", type=bool, default=True, help="background mean 0 and std 1 (true/false)")
+    add_flag(p, "--normalize", True, "background mean 0 and std 1")
     p.add_argument("--background-radius", type=float, default=0.75, help="background starts at this fraction of L/2")
-    p.add_argument("--invert-contrast", type=bool, default=False, help="multiply by -1 (on top of the data sign)")
-    p.add_argument("--phase-flip", type=bool, default=False, help="phase-flip the images with their CTF")
-    p.add_argument("--whiten", type=bool, default=False, help="whiten by the noise spectrum of the background")
-    p.add_argument("--ctf-mode", type=str, default=None, help=f"override what the stored images are: {CTF_MODES}")
-    p.add_argument("--float16", type=bool, default=False, help="write the stack as float16 (MRC mode 12)")
+    add_flag(p, "--invert-contrast", False, "multiply by -1 (on top of the data sign)")
+    add_flag(p, "--phase-flip", False, "phase-flip the images with their CTF")
+    add_flag(p, "--whiten", False, "whiten by the noise spectrum of the background")
+    p.add_argument("--ctf-mode", type=str | None, default=None, help=f"override what the stored images are: {CTF_MODES}")
+    add_flag(p, "--float16", False, "write the stack as float16 (MRC mode 12)")
     p.add_argument("--batch-size", type=int, default=256, help="images processed at a time")
     p.add_argument("--stem", type=str, default=None, help="output file stem (default: the input's)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    config = PreprocessConfig(downsample=args.downsample, normalize=args.normalize,
-                              background_radius=args.background_radius, invert_contrast=args.invert_contrast,
-                              ctf_mode=args.ctf_mode, phase_flip=args.phase_flip, whiten=args.whiten)
+    try:
+        config = PreprocessConfig(downsample=args.downsample, normalize=args.normalize,
+                                  background_radius=args.background_radius, invert_contrast=args.invert_contrast,
+                                  ctf_mode=args.ctf_mode, phase_flip=args.phase_flip, whiten=args.whiten)
+    except ValueError as err:
+        raise InputError(f"--{str(err).split(' ')[0].replace('_', '-')}: {err}") from None
     stack, star = preprocess(args.star, args.out, config, args.datadir, args.pixel_size, parse_assume(args.assume),
                              args.stem, args.batch_size, args.float16, args.device, args.overwrite)
     print(f"Wrote {stack} and {star}")

@@ -31,7 +31,7 @@ def test_preprocess_downsamples_and_writes_relion31(relion31, tmp_path):
     before = _digests(relion31)
     out = tmp_path / "prep"
     main(["preprocess", "--star", str(relion31 / "relion31.star"), "--downsample", "64", "--out", str(out),
-          "--phase-flip", "true"])
+          "--phase-flip"])
     assert _digests(relion31) == before  # inputs untouched
     blocks = starfile.read(out / "relion31.star", always_dict=True)
     assert float(blocks["optics"]["rlnImagePixelSize"][0]) == pytest.approx(2.806 * 4)
@@ -54,7 +54,7 @@ def test_preprocess_refuses_overwrite_and_the_input(relion31, tmp_path, capsys):
         main(["preprocess", "--star", str(relion31 / "relion31.star"), "--out", str(out)])
     assert err.value.code == 2 and "--overwrite" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["preprocess", "--star", str(relion31 / "relion31.star"), "--out", str(relion31), "--overwrite", "true"])
+        main(["preprocess", "--star", str(relion31 / "relion31.star"), "--out", str(relion31), "--overwrite"])
     assert "inputs are never overwritten" in capsys.readouterr().err
 
 
@@ -77,3 +77,30 @@ def test_export_random_subset(shared_data, tmp_path):
     original = starfile.read(star, always_dict=True)["particles"]
     written = starfile.read(out, always_dict=True)["particles"]
     assert written["rlnImageName"].tolist() == original[original["rlnRandomSubset"] == 1]["rlnImageName"].tolist()
+
+
+def test_phase_flipped_output_reads_back_as_phase_flipped(relion31, tmp_path):
+    from cryo_lightning.data.particles import open_particles
+
+    out = tmp_path / "flipped"
+    main(["preprocess", "--star", str(relion31 / "relion31.star"), "--out", str(out), "--phase-flip"])
+    assert open_particles(out / "relion31.star").stored_ctf_mode == "phase_flipped"
+
+
+def test_assumed_values_are_written_and_read_back(shared_data, tmp_path):
+    folder = tmp_path / "input"
+    folder.mkdir()
+    for name in ("relion31.star", "relion31.mrcs"):
+        shutil.copy(shared_data / "real" / "cryodrgn" / name, folder / name)
+    star = folder / "relion31.star"
+    text = star.read_text().replace("_rlnAmplitudeContrast", "_rlnUnusedLabel")  # drop the column
+    star.write_text(text)
+    main(["preprocess", "--star", str(star), "--out", str(tmp_path / "o"), "--assume", "amplitude_contrast=0.07,voltage=300"])
+    again = read_particles(tmp_path / "o" / "relion31.star")
+    assert (again.particles["amp_contrast"] == 0.07).all()
+
+
+def test_bad_assume_is_a_user_error(relion31, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["preprocess", "--star", str(relion31 / "relion31.star"), "--out", str(tmp_path / "o"), "--assume", "voltage"])
+    assert err.value.code == 2 and "NAME=VALUE" in capsys.readouterr().err
