@@ -124,7 +124,7 @@ from cryo_lightning.data.particles import ParticleDataModule
 from cryo_lightning.data.preprocess import PreprocessConfig
 vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize")) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.RLIM_INFINITY))
-dm = ParticleDataModule(sys.argv[1], set_size=8, batch_size=16, val_fraction=0.0, num_workers=0,
+dm = ParticleDataModule(sys.argv[1], set_size=8, batch_size=4, val_fraction=0.0, num_workers=0,
                         preprocess=PreprocessConfig(normalize=True))
 dm.setup("predict")
 count = 0
@@ -152,6 +152,7 @@ def test_two_gb_stack_streams_through_the_datamodule_under_one_gb(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         done = next(l for l in proc.stdout.splitlines() if l.startswith("DONE")).split()
         assert int(done[1]) == n
+        print(f"peak RSS {int(done[2]) / 1024:.0f} MiB streaming a 2 GiB stack through the datamodule")
         assert int(done[2]) < 1024 * 1024  # peak RSS (KiB) below 1 GiB
     finally:
         stack.unlink(missing_ok=True)
