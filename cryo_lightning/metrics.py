@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["relative_mse", "psnr"]
+from cryo_lightning.physics.fourier import fourier_shell_correlation
+
+__all__ = ["relative_mse", "psnr", "frc_curve"]
 
 
 def relative_mse(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -30,3 +32,14 @@ def psnr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     mse = (estimate - target).square().mean((-2, -1))
     peak = target.amax((-2, -1)) - target.amin((-2, -1))
     return 10.0 * torch.log10(peak.square() / mse.clamp_min(torch.finfo(mse.dtype).tiny))
+
+
+def frc_curve(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fourier ring correlation per image and one-pixel ring (see ``physics.fourier``).
+
+    Args:
+        estimate, target: ``(..., L, L)``.
+    Returns:
+        ``(..., L // 2 + 1)``.
+    """
+    return fourier_shell_correlation(estimate.float(), target.float(), ndim=2)

@@ -26,3 +26,11 @@ def test_psnr_uses_target_range():
     target[0, 0] = 4.0  # peak-to-peak 4
     estimate = target + 0.5  # mse 0.25
     assert abs(float(psnr(estimate, target)) - 10 * math.log10(16 / 0.25)) < 1e-4
+
+
+def test_frc_curve_identical_and_opposite():
+    from cryo_lightning.metrics import frc_curve
+
+    x = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(frc_curve(x, x)[..., 1:], torch.ones(3, 8))
+    torch.testing.assert_close(frc_curve(-x, x)[..., 1:], -torch.ones(3, 8))

@@ -1,7 +1,8 @@
-"""LightningModule training any denoiser on sets of images with clean targets."""
+"""LightningModule training any denoiser (single-image or set) on images with clean targets."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import lightning.pytorch as pl
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from cryo_lightning.metrics import psnr, relative_mse
+from cryo_lightning.metrics import frc_curve, psnr, relative_mse
 
 __all__ = ["DenoiseTask"]
 
@@ -18,49 +19,82 @@ class DenoiseTask(pl.LightningModule):
     """Supervised denoising: ``net(noisy) ~ clean`` (the clean CTF-affected projection).
 
     The network maps ``(B, N, L, L)`` noisy sets to denoised sets of the same shape (a
-    single-image network simply treats the set axis as batch). The loss is the mean squared error
-    in units of the noise variance; validation reports relative MSE and PSNR.
+    single-image network treats the set axis as batch). Networks whose ``forward`` takes ``ctf``
+    and ``noise_variance`` receive them from the batch. The loss is the mean squared error in
+    units of the noise variance; validation and test report relative MSE, PSNR and the mean FRC,
+    and validation logs an image grid (noisy | denoised | clean) to TensorBoard.
 
     Args:
         net: the denoiser (an ``nn.Module``; in YAML a ``class_path``/``init_args`` block).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        grid_images: images shown in the validation grid.
     """
 
-    def __init__(self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+    def __init__(self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, grid_images: int = 4) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
-        self.val_rel_mse, self.val_psnr = MeanMetric(), MeanMetric()
-        self.val_rel_mse_noisy = MeanMetric()
-        self.test_rel_mse, self.test_psnr = MeanMetric(), MeanMetric()
+        params = inspect.signature(net.forward).parameters
+        self._extra_inputs = [k for k in ("ctf", "noise_variance") if k in params]
+        self.val_rel_mse, self.val_psnr, self.val_rel_mse_noisy = MeanMetric(), MeanMetric(), MeanMetric()
+        self.test_rel_mse, self.test_psnr, self.test_rel_mse_noisy = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_frc, self.test_frc = MeanMetric(), MeanMetric()
 
-    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
-        """``(B, N, L, L)`` -> ``(B, N, L, L)``."""
-        return self.net(noisy)
+    def forward(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
+                noise_variance: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, N, L, L)`` -> ``(B, N, L, L)``; ``ctf`` ``(B, N, L, L)`` and ``noise_variance``
+        ``(B,)`` are passed on to networks that take them."""
+        given = {"ctf": ctf, "noise_variance": noise_variance}
+        return self.net(noisy, **{k: given[k] for k in self._extra_inputs})
+
+    def _denoise(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self(batch["noisy"], batch.get("ctf"), batch.get("noise_variance"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        denoised = self(batch["noisy"])
+        denoised = self._denoise(batch)
         loss = nn.functional.mse_loss(denoised, batch["clean"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["noisy"].shape[0])
         return loss
 
+    def _evaluate(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
+        denoised = self._denoise(batch)
+        clean = batch["clean"]
+        metrics = {"rel_mse": self.val_rel_mse, "psnr": self.val_psnr, "rel_mse_noisy": self.val_rel_mse_noisy,
+                   "frc": self.val_frc} if prefix == "val" else \
+                  {"rel_mse": self.test_rel_mse, "psnr": self.test_psnr, "rel_mse_noisy": self.test_rel_mse_noisy,
+                   "frc": self.test_frc}
+        metrics["rel_mse"].update(relative_mse(denoised, clean))
+        metrics["rel_mse_noisy"].update(relative_mse(batch["noisy"], clean))
+        metrics["psnr"].update(psnr(denoised, clean))
+        metrics["frc"].update(frc_curve(denoised, clean).mean(-1))
+        self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, prog_bar=prefix == "val")
+        return denoised
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        denoised = self(batch["noisy"])
-        self.val_rel_mse.update(relative_mse(denoised, batch["clean"]))
-        self.val_rel_mse_noisy.update(relative_mse(batch["noisy"], batch["clean"]))
-        self.val_psnr.update(psnr(denoised, batch["clean"]))
-        self.log_dict({"val/rel_mse": self.val_rel_mse, "val/psnr": self.val_psnr,
-                       "val/rel_mse_noisy": self.val_rel_mse_noisy}, prog_bar=True)
+        denoised = self._evaluate(batch, "val")
+        if batch_idx == 0:
+            self._log_grid(batch["noisy"], denoised, batch["clean"])
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        denoised = self(batch["noisy"])
-        self.test_rel_mse.update(relative_mse(denoised, batch["clean"]))
-        self.test_psnr.update(psnr(denoised, batch["clean"]))
-        self.log_dict({"test/rel_mse": self.test_rel_mse, "test/psnr": self.test_psnr})
+        self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"denoised": self(batch["noisy"]), "seed": batch.get("seed")}
+        return {"denoised": self._denoise(batch), "particle_id": batch.get("particle_id", batch.get("seed"))}
+
+    def _log_grid(self, noisy: torch.Tensor, denoised: torch.Tensor, clean: torch.Tensor) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        k = self.hparams.grid_images
+        rows = [x.reshape(-1, *x.shape[-2:])[:k] for x in (noisy, denoised, clean)]
+
+        def scaled(x: torch.Tensor) -> torch.Tensor:  # per-image contrast stretch for display
+            lo, hi = x.amin((-1, -2), keepdim=True), x.amax((-1, -2), keepdim=True)
+            return (x - lo) / (hi - lo).clamp_min(1e-12)
+
+        grid = torch.cat([torch.cat(list(scaled(r)), dim=-1) for r in rows], dim=-2)  # (3 L, k L)
+        experiment.add_image("val/noisy_denoised_clean", grid[None].float().cpu(), self.global_step)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,43 @@
+"""DenoiseTask: a short training run lowers the validation error, for a single-image and a set model."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from cryo_lightning.data.set_simulator import SimulationConfig
+from cryo_lightning.data.synthetic import SyntheticSetDataModule
+from cryo_lightning.models.dncnn import DnCNN
+from cryo_lightning.models.set_transformer import PolarSetTransformer
+from cryo_lightning.tasks.denoise import DenoiseTask
+
+
+def _datamodule(set_size: int) -> SyntheticSetDataModule:
+    sim = SimulationConfig(set_size=set_size, pixel_size=8.0, snr=(0.25, 0.25))
+    return SyntheticSetDataModule(box=16, batch_size=2, simulation=sim, n_train_molecules=8, n_val_molecules=2,
+                                  n_test_molecules=2, train_sets_per_epoch=200, val_sets=4, test_sets=4, seed=0)
+
+
+def _val_rel_mse(task: DenoiseTask, dm: SyntheticSetDataModule) -> float:
+    # inference_mode=False: metric states made here are updated again by the fit below
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         inference_mode=False,
+                         enable_model_summary=False)
+    return float(trainer.validate(task, datamodule=dm, verbose=False)[0]["val/rel_mse"])
+
+
+@pytest.mark.parametrize("net,set_size,lr", [(DnCNN(depth=4, channels=16), 8, 3e-3),
+                                             (PolarSetTransformer(L=16, n_radii=9, n_angles=32, heads=2, layers=1), 8, 5e-2)])
+def test_short_training_lowers_validation_error(net, set_size, lr, tmp_path):
+    torch.manual_seed(0)
+    dm = _datamodule(set_size)
+    task = DenoiseTask(net, lr=lr)
+    before = _val_rel_mse(task, dm)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=25, logger=pl.loggers.TensorBoardLogger(tmp_path),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=1, val_check_interval=25)
+    trainer.fit(task, datamodule=dm)
+    after = _val_rel_mse(task, dm)
+    assert after < 0.9 * before, (before, after)
+    assert list(tmp_path.rglob("events.out.tfevents*"))  # metrics and the image grid were logged
