@@ -35,6 +35,10 @@ TOOLS = {
         "cryo_lightning.tools.preprocess",
         "Downsample, normalise, invert, phase-flip or whiten particles (STAR/.cs in, MRCS + STAR out).",
     ),
+    "denoise": (
+        "cryo_lightning.tools.denoise",
+        "Denoise particles (STAR/.cs/.mrcs) with a trained model, in sets of context images.",
+    ),
     "export": (
         "cryo_lightning.tools.export",
         "Write a subset of particles by filtering the original STAR or .cs file.",

@@ -310,21 +310,27 @@ class StackWriter:
 
     def write(self, images: torch.Tensor) -> None:
         """Append ``(b, L, L)`` images (or one ``(L, L)`` image) after those already written."""
-        if self._mrc is None:
-            raise RuntimeError("StackWriter.write called outside its `with` block")
         if images.ndim == 2:
             images = images[None]
+        self.write_rows(np.arange(self.count, self.count + images.shape[0]), images)
+
+    def write_rows(self, rows: np.ndarray, images: torch.Tensor) -> None:
+        """Write ``(b, L, L)`` images at the given 0-based rows (each row once, any order)."""
+        if self._mrc is None:
+            raise RuntimeError("StackWriter.write called outside its `with` block")
+        rows = np.asarray(rows, dtype=np.int64)
         b = images.shape[0]
-        if tuple(images.shape[1:]) != (self.L, self.L):
-            raise ValueError(f"expected images of shape (b, {self.L}, {self.L}), got {tuple(images.shape)}")
-        if self.count + b > self.n:
-            raise ValueError(f"{self.path}: writing {self.count + b} images into a stack of {self.n}")
+        if tuple(images.shape[1:]) != (self.L, self.L) or len(rows) != b:
+            raise ValueError(f"expected {len(rows)} images of shape ({self.L}, {self.L}), got {tuple(images.shape)}")
+        if self.count + b > self.n or (b and (rows.min() < 0 or rows.max() >= self.n)):
+            raise ValueError(f"{self.path}: writing rows beyond a stack of {self.n} images")
         chunk = _as_numpy(images, self.dtype)
-        self._mrc.data[self.count : self.count + b] = chunk
+        self._mrc.data[rows] = chunk
         self.count += b
         c64 = chunk.astype(np.float64)
-        self._min = min(self._min, float(c64.min()))
-        self._max = max(self._max, float(c64.max()))
+        if b:
+            self._min = min(self._min, float(c64.min()))
+            self._max = max(self._max, float(c64.max()))
         self._sum += float(c64.sum())
         self._sumsq += float((c64 * c64).sum())
 

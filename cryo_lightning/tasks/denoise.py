@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -33,7 +34,12 @@ class DenoiseTask(pl.LightningModule):
 
     def __init__(self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, grid_images: int = 4) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        with warnings.catch_warnings():
+            # Under LightningCLI the saved `net` is its class_path/init_args config, which is what
+            # lets load_from_checkpoint rebuild the network; Lightning's advice to ignore it
+            # applies to modules built in code.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
         self.net = net
         params = inspect.signature(net.forward).parameters
         self._extra_inputs = [k for k in ("ctf", "noise_variance") if k in params]
