@@ -6,7 +6,8 @@ spectra (``H`` heads with learned radial weightings), so attention is learned cl
 images show similar views) and alignment (at which rotation) at once. The values are the other
 images' spectra rotated accordingly, combined as a CTF-weighted (Wiener) average of the aligned
 images, then shrunk by a per-set Wiener gain with a learned per-radius noise inflation, and
-multiplied by the target image's own CTF (the target is the clean, CTF-affected image).
+multiplied by the target image's own CTF (the target is the clean, CTF-affected image), and
+finally restricted to a learned radial support in real space.
 
 In-plane rotation is handled by construction: rotating any input image by ``2 pi s / T`` shifts
 its polar spectrum by ``s`` samples, which the circular correlations absorb, so the output rotates
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cryo_lightning.models.polar import PolarSpectrum
+from cryo_lightning.physics.fourier import radial_grid
 from cryo_lightning.physics.noise import estimate_noise_variance
 
 __all__ = ["PolarSetTransformer"]
@@ -46,6 +48,12 @@ class PolarSetTransformer(nn.Module):
         self.polar = PolarSpectrum(L, n_radii, n_angles)
         self.n_sim = max(2, int(round(similarity_radius * (n_radii - 1))) + 1)
         self.layers = nn.ModuleList(_RotationalAttention(n_radii, self.n_sim, heads) for _ in range(layers))
+        # A learned radial real-space support (particles sit in a disk), rotation-invariant by
+        # construction; starts as a soft disk of radius 0.4 L.
+        radii = torch.arange(L // 2 + 2, dtype=torch.float32)
+        self.support_logits = nn.Parameter((0.4 * L - radii) / 1.5)
+        r = radial_grid(L, 2).clamp_max(L // 2 + 1)
+        self.register_buffer("_radius", r, persistent=False)
 
     def forward(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
                 noise_variance: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,7 +83,14 @@ class PolarSetTransformer(nn.Module):
         for layer in self.layers:
             # Later layers find neighbours and rotations from the previous, cleaner estimates.
             estimate = layer(estimate[:, :, : self.n_sim], spec, c, noise, signal)
-        return self.polar.inverse(estimate)
+        return self.polar.inverse(estimate) * self.support()
+
+    def support(self) -> torch.Tensor:
+        """The learned support ``(L, L)`` in [0, 1]: a radial profile, linearly interpolated."""
+        profile = torch.sigmoid(self.support_logits)
+        lo = self._radius.floor().long().clamp_max(len(profile) - 2)
+        frac = self._radius - lo
+        return profile[lo] * (1 - frac) + profile[lo + 1] * frac
 
 
 class _RotationalAttention(nn.Module):
