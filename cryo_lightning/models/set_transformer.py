@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cryo_lightning.denoise.cwf import cwf_denoise
 from cryo_lightning.models.polar import PolarSpectrum
 from cryo_lightning.physics.fourier import radial_grid
 from cryo_lightning.physics.noise import estimate_noise_variance
@@ -39,12 +40,22 @@ class PolarSetTransformer(nn.Module):
         heads: attention heads (each with its own radial weighting and temperature).
         similarity_radius: fraction of Nyquist used for the attention correlations (the low
             frequencies carry the signal at low SNR).
+        layers: attention layers; each later layer compares the previous layer's estimates.
+        guide: ``"cwf"`` starts from the covariance Wiener filter's estimates (see
+            ``cryo_lightning.denoise.cwf``) and mixes them into the output; ``"none"`` starts
+            from the noisy images.
     """
 
     def __init__(self, L: int = 32, n_radii: int = 33, n_angles: int = 128, heads: int = 4,
-                 similarity_radius: float = 0.5, layers: int = 2) -> None:
+                 similarity_radius: float = 0.5, layers: int = 2, guide: str = "none") -> None:
         super().__init__()
-        self.L, self.heads = L, heads
+        if guide not in ("none", "cwf"):
+            raise ValueError(f"guide must be 'none' or 'cwf', got {guide!r}")
+        self.L, self.heads, self.guide = L, heads, guide
+        # With guide="cwf" the first layer finds neighbours and rotations from the covariance
+        # Wiener filter's estimates (a classical multi-image denoiser, rotation-equivariant), and
+        # the output mixes that estimate with the attention average per radius.
+        self.guide_mix = nn.Parameter(torch.zeros(n_radii))
         self.polar = PolarSpectrum(L, n_radii, n_angles)
         self.n_sim = max(2, int(round(similarity_radius * (n_radii - 1))) + 1)
         self.layers = nn.ModuleList(_RotationalAttention(n_radii, self.n_sim, heads) for _ in range(layers))
@@ -79,10 +90,17 @@ class PolarSetTransformer(nn.Module):
         power = spec.abs().square().mean((1, 3))  # (B, R)
         c2_mean = (c * c).mean((1, 3)).clamp_min(1e-3)
         signal = ((power - noise[:, :, 0, 0]) / c2_mean).clamp_min(0)[:, None, :, None]  # (B, 1, R, 1)
-        estimate = spec  # the first layer compares the noisy images themselves
+        estimate = spec  # the first layer compares the noisy images themselves...
+        if self.guide == "cwf":  # ... or their covariance-Wiener estimates
+            with torch.no_grad():
+                guide = self.polar(cwf_denoise(noisy.float(), ctf.float(), noise_variance.float()))
+            estimate = guide
         for layer in self.layers:
             # Later layers find neighbours and rotations from the previous, cleaner estimates.
             estimate = layer(estimate[:, :, : self.n_sim], spec, c, noise, signal)
+        if self.guide == "cwf":
+            mix = torch.sigmoid(self.guide_mix)[None, None, :, None]
+            estimate = mix * guide + (1 - mix) * estimate
         return self.polar.inverse(estimate) * self.support()
 
     def support(self) -> torch.Tensor:

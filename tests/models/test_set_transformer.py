@@ -65,3 +65,17 @@ def test_denoises_better_than_the_noisy_input_untrained():
     def rel(x):
         return float(((x - b["clean"]) ** 2).sum((-1, -2)).div((b["clean"] ** 2).sum((-1, -2))).mean())
     assert rel(out) < 0.7 < rel(b["noisy"])
+
+
+def test_cwf_guide_keeps_equivariances():
+    L = 33
+    model = PolarSetTransformer(L=L, n_angles=64, heads=2, layers=1, guide="cwf")
+    b = _batch(L, 6)
+    out = model(b["noisy"], b["ctf"], b["noise_variance"])
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(b["noisy"][:, perm], b["ctf"][:, perm], b["noise_variance"]), out[:, perm],
+                               atol=1e-4, rtol=1e-4)
+    rot = lambda x: torch.rot90(x, 1, dims=(-2, -1))  # noqa: E731
+    out_rot = model(rot(b["noisy"]), rot(b["ctf"]), b["noise_variance"])
+    # the CWF basis lives on the pixel grid, so rotation equivariance holds up to its interpolation
+    assert float((out_rot - rot(out)).norm() / out.norm()) < 2e-2
