@@ -4,7 +4,8 @@
    budget of steps x sets x images on the same training molecules) with ``cryol fit``, unless its
    checkpoint exists (``--retrain`` forces it).
 2. For every SNR and set size N, simulates test sets of N images from the *test* molecule bank
-   (disjoint from training), and runs on identical images: the noisy input, the radial Wiener
+   (disjoint from training; one batch of images per molecule, seen by set methods as consecutive
+   sets of N), and runs on identical images: the noisy input, the radial Wiener
    filter, the covariance Wiener filter (CWF, statistics from the same N images; N >= 8), the
    oracle posterior mean (knows the volume and the amplitude scale), and each trained network.
 3. Writes ``benchmarks/results/denoise[_cpu].json`` (a list of {method, snr, n, rel_mse, ci95, L,
@@ -63,35 +64,44 @@ def load(ckpt: Path, device: torch.device) -> DenoiseTask:
     return task.eval()
 
 
-def test_sets(bank: MoleculeBank, config: SimulationConfig, snr: float, n: int, images: int, device) -> list[dict]:
-    """Held-out sets of ``n`` images at ``snr``: about ``images`` images in all, seeded."""
-    sim = SetSimulator(bank, SimulationConfig(**{**config.__dict__, "set_size": n, "snr": (snr, snr)}))
-    n_sets = max(1, images // n)
+def test_sets(bank: MoleculeBank, config: SimulationConfig, snr: float, n: int, images: int, molecules: int,
+              device) -> list[dict]:
+    """Held-out images at ``snr``: one batch per molecule of ``max(n, images // molecules)`` images
+    (a multiple of ``n``), seeded; set methods see them as consecutive sets of ``n``."""
+    per = max(n, images // molecules // n * n)
+    sim = SetSimulator(bank, SimulationConfig(**{**config.__dict__, "set_size": per, "snr": (snr, snr)}))
     out = []
-    for k in range(n_sets):
-        seed = derive_seed(7, n, int(round(1 / snr)), k)
-        out.append(sim(torch.tensor([seed], device=device), torch.tensor([seed % len(bank)], device=device),
+    for k in range(max(1, min(molecules, images // per))):
+        seed = derive_seed(7, int(round(1 / snr)), k)
+        out.append(sim(torch.tensor([seed], device=device), torch.tensor([k % len(bank)], device=device),
                        device=device))
     return out
 
 
-def evaluate(methods: dict, batches: list[dict], bank: MoleculeBank, config: SimulationConfig,
+def _as_sets(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``(1, M, ...)`` -> ``(M / n, n, ...)``."""
+    return x.reshape(-1, n, *x.shape[2:])
+
+
+def evaluate(methods: dict, batches: list[dict], n: int, bank: MoleculeBank, config: SimulationConfig,
              oracle_rotations: int) -> dict[str, np.ndarray]:
     """Relative MSE of every image for every method: ``{method: (n_images,)}``."""
     errors: dict[str, list] = {name: [] for name in methods}
     for batch in batches:
+        sets = {k: _as_sets(batch[k], n) for k in ("noisy", "ctf", "clean")}
+        sets["noise_variance"] = batch["noise_variance"].expand(sets["noisy"].shape[0])
         for name, fn in methods.items():
-            if name == "oracle":
+            if fn is None:
+                continue
+            if name == "oracle":  # one projection pass per molecule: the whole batch at once
                 volumes = bank.batch(batch["molecule"].tolist(), batch["noisy"].device)
                 scale = fit_scale(batch["clean"], volumes, batch["rotations"], batch["ctf"], batch["origins"],
                                   config.oversampling, config.interpolation)
                 out = oracle_denoise(batch["noisy"], batch["ctf"], batch["noise_variance"], volumes, scale=scale,
                                      n_rotations=oracle_rotations, interpolation=config.interpolation)
-            elif fn is None:
-                continue
+                errors[name].append(relative_mse(out, batch["clean"]).flatten().cpu())
             else:
-                out = fn(batch)
-            errors[name].append(relative_mse(out, batch["clean"]).flatten().cpu())
+                errors[name].append(relative_mse(fn(sets), sets["clean"]).flatten().cpu())
     return {k: torch.cat(v).numpy() for k, v in errors.items() if v}
 
 
@@ -108,6 +118,7 @@ def main() -> None:
     p.add_argument("--snrs", type=float, nargs="+", default=list(SNRS))
     p.add_argument("--ns", type=int, nargs="+", default=list(SET_SIZES))
     p.add_argument("--images", type=int, default=512, help="test images per (SNR, N) cell")
+    p.add_argument("--molecules", type=int, default=8, help="held-out molecules the images come from")
     p.add_argument("--oracle-rotations", type=int, default=32768)
     p.add_argument("--networks", nargs="+", default=list(NETWORKS))
     p.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/results/denoise[_cpu])")
@@ -138,10 +149,10 @@ def main() -> None:
     rows, gallery = [], None
     for snr in args.snrs:
         for n in args.ns:
-            batches = test_sets(bank, sim_cfg, snr, n, args.images, device)
+            batches = test_sets(bank, sim_cfg, snr, n, args.images, args.molecules, device)
             active = {k: (None if k == "cwf" and n < 8 else v) for k, v in methods.items()}
             t0 = time.perf_counter()
-            errors = evaluate(active, batches, bank, sim_cfg, args.oracle_rotations)
+            errors = evaluate(active, batches, n, bank, sim_cfg, args.oracle_rotations)
             for method, values in errors.items():
                 mean, ci = summary(values)
                 config = str(config_path(method, args.setting).relative_to(ROOT)) if method in nets else None
@@ -150,7 +161,9 @@ def main() -> None:
             print(f"SNR 1/{1 / snr:.0f} N={n}: " + ", ".join(f"{m} {errors[m].mean():.3f}" for m in errors)
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
             if gallery is None and n == max(args.ns) and snr == min(args.snrs, key=lambda s: abs(s - 1 / 32)):
-                gallery = (batches[0], {k: v for k, v in active.items() if v not in (None, "oracle")})
+                first = {k: _as_sets(batches[0][k], n) for k in ("noisy", "ctf", "clean")}
+                first["noise_variance"] = batches[0]["noise_variance"].expand(first["noisy"].shape[0])
+                gallery = (first, {k: v for k, v in active.items() if v not in (None, "oracle")})
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
     write_table(rows, stem.with_suffix(".md"), args, device)
     plot(rows, stem.with_name(stem.name + "_mse_vs_snr.png"))
