@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from cryo_lightning.io.atomic_write import check_overwrite
 from cryo_lightning.io.errors import InputError
 
-__all__ = ["tool_parser", "add_flag", "pick_device", "parse_assume"]
+__all__ = ["tool_parser", "add_flag", "pick_device", "parse_assume", "prepare_outputs"]
 
 
 def tool_parser(prog: str, doc: str | None, particles: bool = True):
@@ -61,3 +64,14 @@ def parse_assume(text: str | None) -> dict[str, float]:
             raise InputError(f"--assume expects NAME=VALUE[,NAME=VALUE...] (e.g. amplitude_contrast=0.1), "
                              f"got {item!r}") from None
     return values
+
+
+def prepare_outputs(outputs: list[Path], inputs: list[Path], overwrite: bool) -> None:
+    """Refuse outputs that are inputs or exist (unless ``overwrite``), then create their folders."""
+    resolved = {Path(p).resolve() for p in inputs}
+    for path in outputs:
+        if Path(path).resolve() in resolved:
+            raise InputError(f"{path} is an input file; inputs are never overwritten: choose another --out or --stem")
+        check_overwrite(path, overwrite)
+    for path in outputs:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -25,14 +25,13 @@ from tqdm import tqdm
 
 from cryo_lightning.data.particles import ParticleSource, metadata_batch, open_particles
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
-from cryo_lightning.io.atomic_write import check_overwrite
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter
 from cryo_lightning.io.particle_writer import write_star_for_stack
 from cryo_lightning.io.stack_reader import read_stack_info
 from cryo_lightning.io.star import image_names, write_particles_star
 from cryo_lightning.models.polar import PolarSpectrum
-from cryo_lightning.tools.common import parse_assume, pick_device, tool_parser
+from cryo_lightning.tools.common import parse_assume, pick_device, prepare_outputs, tool_parser
 
 __all__ = ["context_sets", "denoise_particles", "main"]
 
@@ -113,12 +112,7 @@ def _run(task, source: ParticleSource, star: Path, out: Path, set_size: int, con
     processor = Preprocessor(PreprocessConfig(downsample=box if box != source.box else None), source.box)
     mode = source.ctf_mode(processor.config)
     stack_path, star_path = out / f"{star.stem}.mrcs", out / f"{star.stem}.star"
-    inputs = {star.resolve(), *(i.path.resolve() for i in source.reader.infos)}
-    for p in (stack_path, star_path):
-        if p.resolve() in inputs:
-            raise InputError(f"{p} is an input file; inputs are never overwritten: choose another --out")
-        check_overwrite(p, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_outputs([stack_path, star_path], [star, *(i.path for i in source.reader.infos)], overwrite)
     n = len(source)
     pixel_out = np.empty(n)
 

@@ -21,11 +21,10 @@ from tqdm import tqdm
 
 from cryo_lightning.data.particles import estimate_noise_psd, metadata_batch, open_particles
 from cryo_lightning.data.preprocess import CTF_MODES, PreprocessConfig, Preprocessor
-from cryo_lightning.io.atomic_write import check_overwrite
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter
 from cryo_lightning.io.particle_writer import write_star_for_stack
-from cryo_lightning.tools.common import add_flag, parse_assume, pick_device, tool_parser
+from cryo_lightning.tools.common import add_flag, parse_assume, pick_device, prepare_outputs, tool_parser
 
 __all__ = ["preprocess", "main"]
 
@@ -50,12 +49,7 @@ def preprocess(
     stem = stem or Path(star).stem
     out_dir = Path(out)
     stack_path, star_path = out_dir / f"{stem}.mrcs", out_dir / f"{stem}.star"
-    inputs = {Path(star).resolve(), *(info.path.resolve() for info in source.reader.infos)}
-    for path in (stack_path, star_path):
-        if path.resolve() in inputs:
-            raise InputError(f"{path} is an input file; inputs are never overwritten: choose another --out or --stem")
-        check_overwrite(path, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_outputs([stack_path, star_path], [Path(star), *(i.path for i in source.reader.infos)], overwrite)
     dev = pick_device(device)
 
     processor = Preprocessor(config, source.box)
