@@ -22,7 +22,8 @@ class SimulationConfig:
     """How a set of images is drawn.
 
     Attributes:
-        set_size: images per set ``N``.
+        set_size: images per set ``N``, or a list of sizes: each batch then draws one of them
+            (from its first seed), so a set model learns to work across set sizes.
         pixel_size: Angstrom per pixel.
         snr: ``(low, high)``; each set's SNR is log-uniform in this range (DESIGN §3 definition).
         ctf: apply a random CTF per image (RELION convention) or not.
@@ -40,7 +41,7 @@ class SimulationConfig:
             noise has unit variance (as in RELION-normalised particles).
     """
 
-    set_size: int = 16
+    set_size: int | list[int] = 16
     pixel_size: float = 4.0
     snr: tuple[float, float] = (1 / 32, 1 / 32)
     ctf: bool = True
@@ -103,7 +104,9 @@ class SetSimulator:
         """
         cfg = self.config
         device = torch.device(device) if device is not None else seeds.device
-        B, N, L = len(seeds), cfg.set_size, self.bank.box
+        B, L = len(seeds), self.bank.box
+        sizes = [cfg.set_size] if isinstance(cfg.set_size, int) else list(cfg.set_size)
+        N = int(sizes[int(seeds[0]) % len(sizes)])
         volumes = self.bank.batch(molecules.tolist(), device)
         spectrum = volume_spectrum(volumes, cfg.oversampling, cfg.interpolation)
 

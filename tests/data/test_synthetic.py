@@ -96,3 +96,11 @@ def test_checkpoint_state_keeps_the_training_epoch():
     fresh.load_state_dict(dm.state_dict())
     assert fresh.streams["train"].epoch == 2
     assert _seeds(fresh.streams["train"]) == _seeds(dm.streams["train"])
+
+
+def test_list_of_set_sizes_varies_between_batches():
+    dm = _datamodule()
+    dm.simulation.set_size = [4, 8]
+    dm.streams["train"].n_sets = 30  # ten batches
+    sizes = {dm.on_after_batch_transfer(r, 0)["noisy"].shape[1] for r in dm.train_dataloader()}
+    assert sizes == {4, 8}
