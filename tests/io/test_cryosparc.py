@@ -5,26 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
 from cryo_lightning.io.cryosparc import read_cryosparc
-from cryo_lightning.physics.rotations import rotvec_to_matrix
 from cryo_lightning.io.errors import InputError
-from cryo_lightning.io.particle_table import COLUMNS, DTYPES, ParticleTable, read_particles
-from cryo_lightning.physics.rotations import matrix_to_euler
+from cryo_lightning.io.particle_table import COLUMNS, ParticleTable, read_particles
+from cryo_lightning.physics.rotations import matrix_to_euler, rotvec_to_matrix
 
 
 def assert_canonical(table: ParticleTable) -> None:
+    table.validate()  # columns, dtypes and values of the canonical table
     df = table.particles
-    assert tuple(df.columns) == COLUMNS
-    for name, dtype in DTYPES.items():
-        if dtype == "str":
-            assert pd.api.types.is_string_dtype(df[name].dtype), name
-        else:
-            assert df[name].dtype == np.dtype(dtype), name
     assert len(table.blocks["particles"]) == len(df)
 
 

@@ -14,18 +14,13 @@ import pytest
 import starfile
 
 from cryo_lightning.io.errors import InputError
-from cryo_lightning.io.particle_table import COLUMNS, DTYPES, ParticleTable, read_particles
+from cryo_lightning.io.particle_table import ParticleTable, read_particles
 from cryo_lightning.io.star_reader import read_star
 
 
 def assert_canonical(table: ParticleTable) -> None:
+    table.validate()  # columns, dtypes and values of the canonical table
     df = table.particles
-    assert tuple(df.columns) == COLUMNS
-    for name, dtype in DTYPES.items():
-        if dtype == "str":
-            assert pd.api.types.is_string_dtype(df[name].dtype), name
-        else:
-            assert df[name].dtype == np.dtype(dtype), name
     assert (df["particle_id"].to_numpy() == np.arange(len(df))).all()
     assert len(table.blocks[table.particle_block]) == len(df)
 
