@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cryo_lightning.denoise.cwf import cwf_denoise
-from cryo_lightning.models.polar import PolarSpectrum
+from cryo_lightning.physics.polar import PolarSpectrum
 from cryo_lightning.physics.fourier import radial_grid
 from cryo_lightning.physics.noise import estimate_noise_variance
 

@@ -30,7 +30,7 @@ from cryo_lightning.io.mrc import StackWriter
 from cryo_lightning.io.particle_writer import write_star_for_stack
 from cryo_lightning.io.stack_reader import read_stack_info
 from cryo_lightning.io.star import image_names, write_particles_star
-from cryo_lightning.models.polar import PolarSpectrum
+from cryo_lightning.physics.polar import PolarSpectrum
 from cryo_lightning.tools.common import parse_assume, pick_device, prepare_outputs, tool_parser
 
 __all__ = ["context_sets", "denoise_particles", "main"]

@@ -6,7 +6,7 @@ import torch
 
 from cryo_lightning.data.molecule_bank import MoleculeBank
 from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig
-from cryo_lightning.models.polar import PolarSpectrum
+from cryo_lightning.physics.polar import PolarSpectrum
 from cryo_lightning.models.set_transformer import PolarSetTransformer
 
 
