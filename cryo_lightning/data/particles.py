@@ -97,11 +97,14 @@ def open_particles(
     reader = StackReader([resolved[n] for n in names])
     stack_ids = df["stack_name"].map({n: i for i, n in enumerate(names)}).to_numpy(np.int64)
     stack_indices = df["stack_index"].to_numpy(np.int64)
-    for sid in np.unique(stack_ids):  # index range, per stack, before any work starts
-        largest = int(stack_indices[stack_ids == sid].max())
-        if largest >= reader.infos[sid].n:
-            raise InputError(f"{path}: particle index {largest + 1} (1-based) is beyond the end of "
-                             f"{reader.infos[sid].path}, which holds {reader.infos[sid].n} images")
+    # Index range per stack, before any work starts (one pass, however many stacks).
+    largest = np.full(len(names), -1, dtype=np.int64)
+    np.maximum.at(largest, stack_ids, stack_indices)
+    beyond = np.flatnonzero(largest >= np.array([info.n for info in reader.infos]))
+    if len(beyond):
+        sid = int(beyond[0])
+        raise InputError(f"{path}: particle index {largest[sid] + 1} (1-based) is beyond the end of "
+                         f"{reader.infos[sid].path}, which holds {reader.infos[sid].n} images")
     boxes = df["box_px"].to_numpy()
     expected = int(boxes[boxes > 0][0]) if (boxes > 0).any() else None
     check_box(reader.infos, expected if expected is not None else -1, Path(path))
@@ -175,7 +178,7 @@ class ParticleSetDataset(Dataset):
         self.particle_id = df["particle_id"].to_numpy(np.int64)
         info = source.reader.infos[0]
         self.image_shape = (info.ny, info.nx)
-        self.image_dtype = source.reader.read(np.zeros(0, np.int64), np.zeros(0, np.int64)).dtype
+        self.image_dtype = source.reader.dtype
         self._buffers: list[np.ndarray] = []
 
     def __getstate__(self) -> dict:
@@ -293,31 +296,28 @@ class ParticleDataModule(pl.LightningDataModule):
         return Path(os.path.expandvars(self.cache_dir)) / f"cryol_cache_{key}.mrcs"
 
     def _cached(self, source: ParticleSource) -> ParticleSource:
-        """Point the source at the float16 cache (written by :meth:`prepare_data`)."""
-        path = self._cache_path(source)
-        if not path.is_file():
-            self._write_cache(source, path)
+        """Point the source at the float16 cache, writing it first if :meth:`prepare_data` did not."""
+        path = self._ensure_cache(source)
         n = len(source)
-        reader = StackReader([path])
-        return ParticleSource(source.table, reader, np.zeros(n, np.int64), np.arange(n, dtype=np.int64),
+        return ParticleSource(source.table, StackReader([path]), np.zeros(n, np.int64), np.arange(n, dtype=np.int64),
                               source.box, source.stored_ctf_mode, source.warnings)
 
-    def _write_cache(self, source: ParticleSource, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        n, chunk = len(source), 1024
-        pixel = float(source.table.particles["pixel_size_A"].median())
-        with StackWriter(path, n, source.box, pixel, dtype=torch.float16, overwrite=True) as writer:
-            for start in range(0, n, chunk):
-                rows = np.arange(start, min(start + chunk, n))
-                writer.write(torch.from_numpy(source.read(rows).astype(np.float32)))
+    def _ensure_cache(self, source: ParticleSource) -> Path:
+        path = self._cache_path(source)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            n, chunk = len(source), 1024
+            pixel = float(source.table.particles["pixel_size_A"].median())
+            with StackWriter(path, n, source.box, pixel, dtype=torch.float16, overwrite=True) as writer:
+                for start in range(0, n, chunk):
+                    rows = np.arange(start, min(start + chunk, n))
+                    writer.write(torch.from_numpy(source.read(rows).astype(np.float32)))
+        return path
 
     def prepare_data(self) -> None:
         # Runs once per node (local rank 0): the float16 cache goes to node-local disk.
         if self.cache_dir:
-            source = open_particles(self.path, self.datadir, self.pixel_size_override, self.assume)
-            path = self._cache_path(source)
-            if not path.is_file():
-                self._write_cache(source, path)
+            self._ensure_cache(open_particles(self.path, self.datadir, self.pixel_size_override, self.assume))
 
     # -- splits -------------------------------------------------------------------------------
 

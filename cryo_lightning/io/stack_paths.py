@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.errors import InputError, listed
 
 __all__ = ["find_project_root", "resolve_stacks"]
 
@@ -27,7 +27,6 @@ JOB_FOLDERS = (
 )
 # How far above the metadata file to look when no project directory is found.
 MAX_PARENT_LEVELS = 8
-MAX_LISTED = 10
 
 _WINDOWS_ABSOLUTE = re.compile(r"^([A-Za-z]:[\\/]|\\\\)")
 
@@ -180,9 +179,7 @@ def _missing_message(
     lines = [
         f"{len(missing)} of {total} image stacks referenced by {metadata_path} were not found:"
     ]
-    lines += [f"  - {name}" for name in list(missing)[:MAX_LISTED]]
-    if len(missing) > MAX_LISTED:
-        lines.append(f"  ... and {len(missing) - MAX_LISTED} more")
+    lines += listed(list(missing))
     given = str(datadir) if datadir is not None else "not given"
     lines += [
         "Each name was looked for, in this order:",

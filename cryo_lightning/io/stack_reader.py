@@ -42,7 +42,7 @@ import mrcfile
 import mrcfile.utils
 import numpy as np
 
-from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.errors import MAX_LISTED, InputError, listed
 
 __all__ = [
     "StackInfo",
@@ -66,7 +66,6 @@ _IOV_MAX = (
     else 16
 )
 # How many problems an aggregated error message lists before summarising the rest.
-MAX_LISTED = 10
 
 
 @dataclass(frozen=True)
@@ -167,9 +166,7 @@ def _raise_aggregated(problems: list[str], total: int, what: str) -> None:
     if not problems:
         return
     lines = [f"{len(problems)} of {total} {what}:"]
-    lines += [f"  - {p}" for p in problems[:MAX_LISTED]]
-    if len(problems) > MAX_LISTED:
-        lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
+    lines += listed(problems)
     raise InputError("\n".join(lines))
 
 
@@ -249,6 +246,11 @@ class StackReader:
 
     def __setstate__(self, state: dict) -> None:
         self._init(state["infos"], state["max_open_files"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype :meth:`read` returns for images from any of the stacks."""
+        return self._output_layout(np.arange(len(self.infos)))[2]
 
     def close(self) -> None:
         """Close the files this thread has open (they are reopened on the next read)."""
@@ -360,9 +362,9 @@ class StackReader:
         infos = [self.infos[k] for k in used.tolist()]
         shapes = {(i.ny, i.nx) for i in infos}
         if len(shapes) > 1:
-            listed = ", ".join(f"{i.path} ({i.ny}x{i.nx})" for i in infos[:MAX_LISTED])
+            shapes_text = ", ".join(f"{i.path} ({i.ny}x{i.nx})" for i in infos[:MAX_LISTED])
             raise InputError(
-                f"the requested images come from stacks of different sizes: {listed}; "
+                f"the requested images come from stacks of different sizes: {shapes_text}; "
                 "all particles must have the same box size (re-extract or rescale them)"
             )
         (ny, nx), = shapes
@@ -480,7 +482,7 @@ def check_box(
             )
     if not_square:
         lines = [f"{len(not_square)} of {len(infos)} stacks hold non-square images:"]
-        lines += [f"  - {p}" for p in not_square[:MAX_LISTED]]
+        lines += listed(not_square)
         lines.append("Particle images must be square: re-extract them with a square box.")
         raise InputError("\n".join(lines))
     if mismatched:
@@ -488,9 +490,7 @@ def check_box(
             f"{len(mismatched)} of {len(infos)} stacks do not match the box size "
             f"(rlnImageSize / blob/shape) in {metadata_path}:"
         ]
-        lines += [f"  - {p}" for p in mismatched[:MAX_LISTED]]
-        if len(mismatched) > MAX_LISTED:
-            lines.append(f"  ... and {len(mismatched) - MAX_LISTED} more")
+        lines += listed(mismatched)
         lines.append(
             "Fix: make sure the metadata refers to these stacks (check --datadir), or "
             "correct rlnImageSize in the metadata's optics table if the stacks were "
@@ -542,9 +542,7 @@ def check_pixel_size(
         f"{len(differing)} of {len(infos)} stacks have a header pixel size that differs by "
         f"more than {rel_tol:.0%} from {metadata_path}:"
     ]
-    lines += [f"  - {p}" for p in differing[:MAX_LISTED]]
-    if len(differing) > MAX_LISTED:
-        lines.append(f"  ... and {len(differing) - MAX_LISTED} more")
+    lines += listed(differing)
     lines.append(
         "Using the metadata's pixel size; if the images were binned or rescaled, fix the "
         "metadata (rlnImagePixelSize) or pass the pixel size explicitly."
