@@ -159,15 +159,18 @@ def fourier_shell_correlation(a: torch.Tensor, b: torch.Tensor, ndim: int) -> to
     Returns:
         ``(..., L // 2 + 1)`` correlation per shell; shell ``k`` is frequency ``k / L`` cycles
         per pixel, i.e. ``k / (L * pixel_size)`` 1/Angstrom. Shells where either signal has no
-        power (below rounding level relative to its strongest shell) get 0, not a ratio of
-        rounding errors.
+        power (below the FFT's rounding level, i.e. ``(100 eps)**2`` times the mean power of all
+        samples) get 0, not a ratio of rounding errors.
     """
     A, B = fftc(a, ndim), fftc(b, ndim)
     cross = shell_average((A * B.conj()).real, ndim)
     pa = shell_average(A.abs() ** 2, ndim)
     pb = shell_average(B.abs() ** 2, ndim)
-    eps = 100 * torch.finfo(cross.dtype).eps
-    empty = (pa <= eps * pa.amax(-1, keepdim=True)) | (pb <= eps * pb.amax(-1, keepdim=True))
+    floor = (100 * torch.finfo(cross.dtype).eps) ** 2
+    dims = tuple(range(-ndim, 0))
+    mean_a = (A.abs() ** 2).mean(dims)[..., None]
+    mean_b = (B.abs() ** 2).mean(dims)[..., None]
+    empty = (pa <= floor * mean_a) | (pb <= floor * mean_b)
     corr = cross / torch.sqrt(pa * pb).clamp_min(torch.finfo(cross.dtype).tiny)
     return torch.where(empty, torch.zeros_like(corr), corr)
 

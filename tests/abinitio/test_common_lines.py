@@ -29,7 +29,7 @@ def test_common_line_geometry_is_consistent():
             line_i = torch.stack([torch.cos(angles[i, j]), torch.sin(angles[i, j]), torch.zeros((), dtype=torch.float64)])
             line_j = torch.stack([torch.cos(angles[j, i]), torch.sin(angles[j, i]), torch.zeros((), dtype=torch.float64)])
             # both image lines map to one 3D direction, perpendicular to both viewing directions
-            torch.testing.assert_close(rotations[i].T @ line_i, -(rotations[j].T @ line_j))
+            torch.testing.assert_close(rotations[i].T @ line_i, rotations[j].T @ line_j)
             assert abs(float(rotations[i].T @ line_i @ d[i])) < 1e-12
 
 
@@ -45,3 +45,16 @@ def test_detects_common_lines_of_noise_free_projections():
     step = 2 * math.pi / T
     assert float((err <= 2 * step).float().mean()) >= 0.95, torch.rad2deg(err)
     assert float(scores[off].min()) > 0.5
+
+
+def test_detected_lines_of_a_pair_share_one_orientation():
+    L, N = 48, 8
+    volume = random_molecule(L, torch.Generator().manual_seed(1))
+    rotations = random_rotations(N, generator=torch.Generator().manual_seed(2))
+    detected, _ = detect_common_lines(project(volume, rotations))
+    truth = common_line_angles(rotations.double()).float()
+    # Either both angles of a pair equal the truth or both are flipped by pi: never one of them.
+    diff = torch.remainder(detected - truth + math.pi / 2, 2 * math.pi) - math.pi / 2  # ~0 or ~pi
+    flipped = diff.abs() > math.pi / 2
+    off = ~torch.eye(N, dtype=torch.bool)
+    assert bool((flipped == flipped.T)[off].all())
