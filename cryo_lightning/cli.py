@@ -39,9 +39,17 @@ TOOLS = {
         "cryo_lightning.tools.denoise",
         "Denoise particles (STAR/.cs/.mrcs) with a trained model, in sets of context images.",
     ),
+    "reconstruct": (
+        "cryo_lightning.tools.reconstruct",
+        "Ab initio map from particles: common lines + synchronization, then least squares (CG).",
+    ),
     "export": (
         "cryo_lightning.tools.export",
         "Write a subset of particles by filtering the original STAR or .cs file.",
+    ),
+    "submit": (
+        "cryo_lightning.tools.submit",
+        "Run a trainer verb on a Slurm cluster with submitit (DDP, requeue and resume); --dry-run prints the script.",
     ),
 }
 # What a user can fix: printed as one line without a traceback unless --debug is given.

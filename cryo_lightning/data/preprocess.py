@@ -61,6 +61,9 @@ class PreprocessConfig:
 def background_normalize(images: torch.Tensor, radius_fraction: float = 0.75) -> torch.Tensor:
     """Zero mean and unit standard deviation of each image's background.
 
+    Noise-free images (simulations) have a flat background; they are scaled by the standard
+    deviation of the whole image instead, so they stay finite and of order one.
+
     Args:
         images: ``(..., L, L)``.
         radius_fraction: the background is every pixel at distance ``>= radius_fraction * L / 2``
@@ -69,7 +72,10 @@ def background_normalize(images: torch.Tensor, radius_fraction: float = 0.75) ->
     background = ~disk_mask(images.shape[-1], radius_fraction * images.shape[-1] / 2, device=images.device)
     values = images[..., background]
     mean = values.mean(-1)[..., None, None]
-    std = values.std(-1).clamp_min(torch.finfo(images.dtype).tiny)[..., None, None]
+    std = values.std(-1)[..., None, None]
+    whole = images.flatten(-2).std(-1)[..., None, None]
+    flat = std <= 1e-6 * whole
+    std = torch.where(flat, whole, std).clamp_min(torch.finfo(images.dtype).tiny)
     return (images - mean) / std
 
 

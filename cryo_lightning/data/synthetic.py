@@ -25,9 +25,12 @@ __all__ = ["SetRecipeStream", "SyntheticSetDataModule"]
 class SetRecipeStream(IterableDataset):
     """Streams ``{"seed", "molecule", "split"}`` recipes for ``n_sets`` sets per epoch.
 
-    The ``n_sets`` set indices of an epoch are split evenly across DDP ranks (each rank gets
-    ``n_sets // world_size``, so every rank yields the same number of batches and DDP cannot
-    hang) and, within a rank, round-robin across DataLoader workers.
+    Every rank gets ``n_sets // world_size`` sets, so all ranks yield the same number of batches
+    and DDP cannot hang (an epoch has up to ``world_size - 1`` sets fewer). Set indices (which
+    seed the sets) are dealt in blocks of ``block``, the per-device batch size: block ``k`` goes
+    to rank ``k % world_size`` and, within a rank, blocks go round-robin to DataLoader workers.
+    So the sets of DDP step ``s`` over all ranks are exactly those of step ``s`` of a single
+    process with batch size ``block * world_size``, and workers never reorder batches.
 
     Args:
         split: ``"train"``, ``"val"`` or ``"test"``.
@@ -35,12 +38,16 @@ class SetRecipeStream(IterableDataset):
         n_molecules: size of the split's molecule bank.
         seed: base seed.
         vary_per_epoch: draw new sets every epoch (training) or repeat the same ones (evaluation).
+        block: sets dealt together to one rank and worker (the per-device batch size).
     """
 
-    def __init__(self, split: str, n_sets: int, n_molecules: int, seed: int, vary_per_epoch: bool) -> None:
+    def __init__(self, split: str, n_sets: int, n_molecules: int, seed: int, vary_per_epoch: bool,
+                 block: int = 1) -> None:
         super().__init__()
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
         self.split, self.n_sets, self.n_molecules = split, n_sets, n_molecules
-        self.seed, self.vary_per_epoch = seed, vary_per_epoch
+        self.seed, self.vary_per_epoch, self.block = seed, vary_per_epoch, block
         self.rank, self.world_size = 0, 1
         self.epoch = 0  # advanced on every pass when vary_per_epoch
 
@@ -58,9 +65,11 @@ class SetRecipeStream(IterableDataset):
         epoch = self.epoch if self.vary_per_epoch else 0
         if self.vary_per_epoch:
             self.epoch += 1
-        per_rank = len(self)
-        for j in range(worker, per_rank, n_workers):
-            yield self.recipe(epoch, self.rank * per_rank + j)
+        b, world = self.block, self.world_size
+        for j in range(len(self)):  # the rank's j-th set
+            local_block, offset = divmod(j, b)
+            if local_block % n_workers == worker:
+                yield self.recipe(epoch, (local_block * world + self.rank) * b + offset)
 
 
 class SyntheticSetDataModule(pl.LightningDataModule):
@@ -101,9 +110,9 @@ class SyntheticSetDataModule(pl.LightningDataModule):
         self.banks = {s: MoleculeBank(box, s, counts[s], seed) for s in SPLITS}
         self.simulators = {s: SetSimulator(self.banks[s], self.simulation) for s in SPLITS}
         self.streams = {
-            "train": SetRecipeStream("train", train_sets_per_epoch, n_train_molecules, seed, True),
-            "val": SetRecipeStream("val", val_sets, n_val_molecules, seed, False),
-            "test": SetRecipeStream("test", test_sets, n_test_molecules, seed, False),
+            "train": SetRecipeStream("train", train_sets_per_epoch, n_train_molecules, seed, True, batch_size),
+            "val": SetRecipeStream("val", val_sets, n_val_molecules, seed, False, batch_size),
+            "test": SetRecipeStream("test", test_sets, n_test_molecules, seed, False, batch_size),
         }
 
     @property

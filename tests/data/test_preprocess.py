@@ -83,3 +83,12 @@ def test_config_validation():
         PreprocessConfig(ctf_mode="flipped")
     with pytest.raises(ValueError, match="noise spectrum"):
         Preprocessor(PreprocessConfig(whiten=True), box=32)(torch.zeros(1, 32, 32), torch.ones(1), torch.ones(1), None, "none")
+
+
+def test_background_normalize_keeps_noise_free_images_finite():
+    image = torch.zeros(2, 24, 24)
+    image[:, 8:16, 8:16] = torch.tensor([1.0, 3.0])[:, None, None]  # flat (zero) background
+    out = background_normalize(image)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.flatten(1).std(-1), torch.ones(2))
+    assert float(out[..., ~disk_mask(24, 0.75 * 12)].abs().max()) == 0.0

@@ -1,0 +1,12 @@
+"""Scale-out: submit ``cryol`` trainer runs to Slurm clusters with submitit (``cryol submit``).
+
+Layering: this package may import Lightning and submitit; models and physics never import it.
+"""
+
+from cryo_lightning.launch.clusters import CLUSTERS, ClusterPreset, get_cluster
+from cryo_lightning.launch.job import TrainJob
+from cryo_lightning.launch.spec import SlurmSpec, parse_time
+from cryo_lightning.launch.submit import PreparedJob, make_executor, prepare, render_sbatch, submit
+
+__all__ = ["CLUSTERS", "ClusterPreset", "get_cluster", "TrainJob", "SlurmSpec", "parse_time", "PreparedJob",
+           "make_executor", "prepare", "render_sbatch", "submit"]

@@ -1,0 +1,296 @@
+"""``cryol reconstruct``: an ab initio 3D map from particles by common lines and least squares.
+
+Example::
+
+    cryol reconstruct --star particles.star --method common-lines --out map.mrc --class-average
+
+reads a RELION STAR, a cryoSPARC .cs or a plain .mrcs stack, downsamples and normalises the
+particles (``--box``), optionally denoises them with a trained model (``--denoiser``) and/or
+replaces them by class averages (``--class-average``), finds the common lines of every pair,
+estimates the poses by synchronization voting, and reconstructs by conjugate gradients with
+each image's CTF. Writes ``map.mrc`` (with its pixel size), the two half maps, ``map.star`` (the
+particles used, original ``rlnImageName``, estimated ``rlnAngleRot/Tilt/Psi``), ``map_fsc.png``
+and ``map_fsc.json`` (FSC between half maps, and against ``--reference`` when given).
+
+The map's orientation is arbitrary and its hand is undetermined (docs/conventions.md §15).
+With ``--reference`` the input STAR must carry angles (e.g. from ``cryol simulate``): the
+estimated poses are registered onto them, the rotation error is reported, and the map is
+written in the reference frame so the two can be compared directly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cryo_lightning.abinitio.class_average import class_averages
+from cryo_lightning.abinitio.common_lines import detect_common_lines
+from cryo_lightning.abinitio.reconstruct import reconstruct
+from cryo_lightning.abinitio.synchronization import estimate_rotations
+from cryo_lightning.data.particles import ParticleSource, metadata_batch, open_particles
+from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
+from cryo_lightning.io.atomic_write import atomic_path
+from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.mrc import read_map, require_cubic, write_map, write_stack
+from cryo_lightning.io.particle_writer import star_blocks_for_stack
+from cryo_lightning.io.star import write_particles_star
+from cryo_lightning.physics.fourier import fft2c, fourier_resize, fourier_shell_correlation, ifft2c, resolution_at
+from cryo_lightning.physics.projection import translate_spectrum
+from cryo_lightning.physics.rotations import euler_to_matrix, matrix_to_euler, register_rotations
+from cryo_lightning.tools.common import add_flag, parse_assume, pick_device, prepare_outputs, tool_parser
+
+__all__ = ["ReconstructionReport", "reconstruct_particles", "main"]
+
+METHODS = ("common-lines",)
+
+
+@dataclass
+class ReconstructionReport:
+    """What ``cryol reconstruct`` did and measured (also written as ``<stem>_fsc.json``)."""
+
+    map: str
+    star: str
+    n_images: int
+    box: int
+    pixel_size: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    half_map_resolution_A: float | None = None  # FSC = 0.143 between half maps
+    reference_resolution_A: float | None = None  # FSC = 0.5 against --reference
+    rotation_error_deg: float | None = None  # mean, after registration onto the STAR's angles
+    reflected: bool | None = None
+    fsc_half: list[float] = field(default_factory=list)
+    fsc_reference: list[float] = field(default_factory=list)
+
+
+def _load(source: ParticleSource, rows: np.ndarray, processor: Preprocessor, dev: torch.device,
+          chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Preprocessed, centred images ``(n, L, L)`` and effective CTFs of the given rows."""
+    mode = source.ctf_mode(processor.config)
+    images, ctfs, pixels = [], [], []
+    df = source.table.particles
+    for s in tqdm(range(0, len(rows), chunk), desc="reading", unit="chunk", disable=None):
+        r = rows[s : s + chunk]
+        meta = metadata_batch(source, r)
+        out = processor(torch.from_numpy(source.read(r)).to(dev), meta["pixel_size_A"].to(dev),
+                        meta["data_sign"].to(dev), meta["ctf_params"], mode)
+        # Centre each particle with its stored origin (RELION: particle at box centre - origin).
+        origin_px = torch.tensor(df[["shift_x_A", "shift_y_A"]].to_numpy()[r], dtype=torch.float32, device=dev) \
+            / out["pixel_size"][:, None]
+        x = out["images"]
+        if bool((origin_px != 0).any()):
+            x = ifft2c(translate_spectrum(fft2c(x), origin_px)).real
+        images.append(x)
+        ctfs.append(out["ctf"].expand_as(x).clone())
+        pixels.append(out["pixel_size"])
+    return torch.cat(images), torch.cat(ctfs), float(torch.cat(pixels).median())
+
+
+def _phase_flip(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+    return ifft2c(fft2c(images) * torch.sign(ctf)).real
+
+
+def _denoise(ckpt: str, images: torch.Tensor, ctf: torch.Tensor, set_size: int, seed: int) -> torch.Tensor:
+    """Denoise in random context sets with a DenoiseTask checkpoint (CTF-affected clean estimates)."""
+    from cryo_lightning.tasks.denoise import DenoiseTask  # Lightning only for this option
+    from cryo_lightning.tools.denoise import context_sets
+
+    task = DenoiseTask.load_from_checkpoint(ckpt, map_location=images.device).eval()
+    if getattr(task.net, "L", images.shape[-1]) != images.shape[-1]:
+        raise InputError(f"{ckpt}: the denoiser was trained at box {task.net.L}; pass --box {task.net.L}")
+    out = torch.empty_like(images)
+    with torch.no_grad():
+        for rows in tqdm(context_sets(len(images), set_size, "random", seed), desc="denoising", unit="set",
+                         disable=None):
+            idx = torch.as_tensor(rows, device=images.device)
+            out[idx] = task(images[idx][None], ctf[idx][None], torch.ones(1, device=images.device))[0]
+    return out
+
+
+def _fsc_plot(path: Path, curves: dict[str, list[float]], L: int, pixel: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, fsc in curves.items():
+        shells = np.arange(len(fsc))
+        ax.plot(shells[1:] / (L * pixel), fsc[1:], label=label)
+    ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
+    ax.axhline(0.143, color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("spatial frequency (1/Angstrom)")
+    ax.set_ylabel("FSC")
+    ax.set_ylim(-0.1, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def _true_rotations(source: ParticleSource, rows: np.ndarray, star: Path) -> torch.Tensor:
+    df = source.table.particles.iloc[rows]
+    angles = df[["rot_deg", "tilt_deg", "psi_deg"]].to_numpy(np.float64)
+    if np.isnan(angles).any():
+        raise InputError(f"{star}: --reference needs rlnAngleRot/Tilt/Psi in the STAR (e.g. from cryol simulate) "
+                         "to register the estimated poses onto; this file has none")
+    return euler_to_matrix(torch.tensor(angles))
+
+
+def reconstruct_particles(
+    star: str, out: str, method: str = "common-lines", box: int | None = 64, max_images: int | None = 2000,
+    class_average: bool = False, n_classes: int | None = None, n_neighbors: int = 10, denoiser: str | None = None,
+    set_size: int = 64, reference: str | None = None, n_angles: int = 360, max_radius: float = 0.4,
+    lam: float = 1e-2, iterations: int = 30, datadir: str | None = None, pixel_size: float | None = None,
+    assume: dict[str, float] | None = None, device: str = "auto", overwrite: bool = False, seed: int = 0,
+) -> ReconstructionReport:
+    """Run the whole ``cryol reconstruct`` pipeline (see the module docstring); returns the report."""
+    if method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)} (got {method!r}); "
+                         "the moment-based methods come with their own issue")
+    dev = pick_device(device)
+    out_map = Path(out)
+    if out_map.suffix.lower() not in (".mrc", ".map"):
+        raise InputError(f"--out {out}: give the map's file name, ending in .mrc")
+    stem = out_map.with_suffix("")
+    paths = {"map": out_map, "star": stem.with_suffix(".star"), "half1": Path(f"{stem}_half1.mrc"),
+             "half2": Path(f"{stem}_half2.mrc"), "png": Path(f"{stem}_fsc.png"), "json": Path(f"{stem}_fsc.json")}
+    if class_average:
+        paths["classes"] = Path(f"{stem}_classes.mrcs")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(star)
+        if path.suffix.lower() in (".mrcs", ".mrc"):
+            from cryo_lightning.tools.denoise import _stack_as_star
+
+            path = _stack_as_star(path, Path(tmp), pixel_size)
+        source = open_particles(path, datadir, pixel_size, assume)
+        prepare_outputs(list(paths.values()), [Path(star), *(i.path for i in source.reader.infos)], overwrite)
+        for message in source.warnings:
+            print(f"cryol reconstruct: warning: {message}", file=sys.stderr)
+        n = len(source)
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n, max_images, replace=False)) if max_images and max_images < n else np.arange(n)
+        L = min(box or source.box, source.box)
+        processor = Preprocessor(PreprocessConfig(downsample=L if L != source.box else None), source.box)
+        images, ctf, pixel = _load(source, rows, processor, dev)
+        has_ctf = source.ctf_mode(processor.config) != "none"
+        timings["read"] = time.perf_counter() - start
+
+        if denoiser:
+            t = time.perf_counter()
+            images = _denoise(denoiser, images, ctf, set_size, seed)
+            timings["denoise"] = time.perf_counter() - t
+
+        centres = torch.arange(len(rows), device=dev)
+        if class_average:
+            t = time.perf_counter()
+            classes = class_averages(images, ctf if has_ctf else None, None if denoiser else 1.0,
+                                     n_neighbors=n_neighbors, centres=n_classes)
+            images, centres = classes.averages, classes.centres
+            ctf = torch.ones_like(images)  # class averages are CTF-corrected
+            has_ctf = False
+            timings["class_average"] = time.perf_counter() - t
+        t = time.perf_counter()
+        lines_input = _phase_flip(images, ctf) if has_ctf else images
+        angles, _ = detect_common_lines(lines_input, n_angles=n_angles, max_radius=max_radius)
+        sync = estimate_rotations(angles)
+        rotations = sync.rotations.float()
+        timings["orientations"] = time.perf_counter() - t
+
+        report = ReconstructionReport(str(paths["map"]), str(paths["star"]), len(images), L, pixel)
+        used_rows = rows[centres.cpu().numpy()]
+        if reference:
+            reg = register_rotations(rotations.double().cpu(), _true_rotations(source, used_rows, Path(star)))
+            rotations = reg.aligned.float().to(dev)
+            report.rotation_error_deg, report.reflected = reg.mean_error, reg.reflected
+
+        t = time.perf_counter()
+        subsets = torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(images)) % 2 + 1).to(dev)
+        recon_ctf = ctf if has_ctf else None
+        halves = [reconstruct(images[subsets == k], rotations[subsets == k],
+                              None if recon_ctf is None else recon_ctf[subsets == k], lam=lam,
+                              iterations=iterations).volume for k in (1, 2)]
+        volume = reconstruct(images, rotations, recon_ctf, lam=lam, iterations=iterations).volume
+        timings["reconstruct"] = time.perf_counter() - t
+        fsc_half = fourier_shell_correlation(halves[0], halves[1], 3)
+        report.fsc_half = fsc_half.cpu().tolist()
+        report.half_map_resolution_A = resolution_at(fsc_half, 0.143, L, pixel)
+        curves = {"half maps": report.fsc_half}
+        if reference:
+            ref = require_cubic(read_map(reference))
+            ref_volume = torch.as_tensor(ref.data, dtype=torch.float32, device=dev)
+            if ref_volume.shape[-1] != L:
+                ref_volume = fourier_resize(ref_volume, L, 3)
+            fsc_ref = fourier_shell_correlation(volume, ref_volume, 3)
+            report.fsc_reference = fsc_ref.cpu().tolist()
+            report.reference_resolution_A = resolution_at(fsc_ref, 0.5, L, pixel)
+            curves["map vs reference"] = report.fsc_reference
+
+        write_map(paths["map"], volume.cpu(), pixel, overwrite=overwrite)
+        for k, half in enumerate(halves, 1):
+            write_map(paths[f"half{k}"], half.cpu(), pixel, overwrite=overwrite)
+        if class_average:
+            write_stack(paths["classes"], images.cpu(), pixel, overwrite=overwrite)
+        _write_star(source, used_rows, rotations.cpu(), paths["star"], overwrite)
+        _fsc_plot(paths["png"], curves, L, pixel)
+        report.seconds = {k: round(v, 2) for k, v in timings.items()}
+        with atomic_path(paths["json"], overwrite=True) as tmp_json:
+            Path(tmp_json).write_text(json.dumps(report.__dict__, indent=1))
+    return report
+
+
+def _write_star(source: ParticleSource, rows: np.ndarray, rotations: torch.Tensor, path: Path, overwrite: bool) -> None:
+    """The particles used, with their original image names and the estimated Euler angles."""
+    table = source.table.subset(rows)
+    pixel = table.particles["pixel_size_A"].to_numpy()
+    optics, particles = star_blocks_for_stack(table, "unused.mrcs", source.box, pixel)
+    particles["rlnImageName"] = table.particles["image_name"].to_numpy()
+    euler = matrix_to_euler(rotations.double()).numpy()
+    particles["rlnAngleRot"], particles["rlnAngleTilt"], particles["rlnAnglePsi"] = euler.T
+    write_particles_star(path, optics, particles, overwrite=overwrite)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``cryol reconstruct`` arguments and run :func:`reconstruct_particles`."""
+    p = tool_parser("cryol reconstruct", __doc__)
+    p.add_argument("--star", required=True, help="particles: RELION .star, cryoSPARC .cs or a plain .mrcs stack")
+    p.add_argument("--out", required=True, help="output map (.mrc); the STAR, half maps and FSC plot go beside it")
+    p.add_argument("--method", type=str, default="common-lines", help=f"one of: {', '.join(METHODS)}")
+    p.add_argument("--box", type=int | None, default=64, help="work at this box size (Fourier downsampling)")
+    p.add_argument("--max-images", type=int | None, default=2000, help="random subset of this many particles")
+    add_flag(p, "--class-average", False, "replace the particles by CTF-corrected class averages first")
+    p.add_argument("--n-classes", type=int | None, default=None, help="class averages to use (default: one per image)")
+    p.add_argument("--n-neighbors", type=int, default=10, help="images per class")
+    p.add_argument("--denoiser", type=str | None, default=None, help="checkpoint of a DenoiseTask to denoise with first")
+    p.add_argument("--set-size", type=int, default=64, help="context set size for the denoiser")
+    p.add_argument("--reference", type=str | None, default=None,
+                   help="ground-truth map (.mrc): FSC against it, after registering onto the STAR's angles")
+    p.add_argument("--n-angles", type=int, default=360, help="angular sampling of the common-line search")
+    p.add_argument("--max-radius", type=float, default=0.4, help="fraction of Nyquist used for common lines")
+    p.add_argument("--lam", type=float, default=1e-2, help="Tikhonov weight of the least-squares reconstruction")
+    p.add_argument("--iterations", type=int, default=30, help="conjugate-gradient iterations")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the half-map split")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    report = reconstruct_particles(
+        args.star, args.out, args.method, args.box, args.max_images, args.class_average, args.n_classes,
+        args.n_neighbors, args.denoiser, args.set_size, args.reference, args.n_angles, args.max_radius, args.lam,
+        args.iterations, args.datadir, args.pixel_size, parse_assume(args.assume), args.device, args.overwrite,
+        args.seed)
+    print(f"Wrote {report.map} ({report.n_images} images, box {report.box}, {report.pixel_size:.3f} A/px), "
+          f"{report.star} and the FSC plot")
+    print(f"Half-map resolution (FSC 0.143): {report.half_map_resolution_A:.1f} A")
+    if report.rotation_error_deg is not None:
+        print(f"Mean rotation error vs the STAR's angles: {report.rotation_error_deg:.2f} deg "
+              f"({'mirror image' if report.reflected else 'same hand'}); "
+              f"resolution vs reference (FSC 0.5): {report.reference_resolution_A:.1f} A")
+    print("Times (s): " + ", ".join(f"{k} {v}" for k, v in report.seconds.items()))

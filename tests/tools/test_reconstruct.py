@@ -1,0 +1,77 @@
+"""`cryol reconstruct`: a simulated dataset gives the right map and poses; real stacks run end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+
+from cryo_lightning.cli import main
+
+
+def _digest(paths):
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    main(["simulate", "--volume", "random", "--n-images", "120", "--box", "32", "--pixel-size", "6.0",
+          "--snr", "1000", "--no-ctf", "--out", str(out), "--seed", "3"])
+    return out
+
+
+def test_common_lines_map_matches_the_truth(simulated, tmp_path):
+    star = simulated / "particles.star"
+    before = _digest([star, simulated / "particles.mrcs"])
+    out = tmp_path / "rec" / "map.mrc"
+    main(["reconstruct", "--star", str(star), "--out", str(out), "--box", "32", "--reference",
+          str(simulated / "volume.mrc"), "--iterations", "15", "--device", "cpu"])
+    assert _digest([star, simulated / "particles.mrcs"]) == before  # inputs untouched
+    for suffix in (".mrc", ".star", "_fsc.png", "_fsc.json", "_half1.mrc", "_half2.mrc"):
+        assert (tmp_path / "rec" / f"map{suffix}").is_file(), suffix
+    report = json.loads((tmp_path / "rec" / "map_fsc.json").read_text())
+    assert report["rotation_error_deg"] < 2.0, report["rotation_error_deg"]
+    assert report["reference_resolution_A"] < 3 * 12.0  # FSC 0.5 beyond a third of Nyquist (12 A)
+    with mrcfile.open(out) as m:
+        assert m.data.shape == (32, 32, 32)
+        assert float(m.voxel_size.x) == pytest.approx(6.0)
+    written = starfile.read(tmp_path / "rec" / "map.star")["particles"]
+    truth = starfile.read(star)["particles"]
+    assert list(written["rlnImageName"]) == list(truth["rlnImageName"])
+    assert {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"} <= set(written.columns)
+    # Estimated angles differ from the input's (a different frame): they were really written.
+    assert not np.allclose(written["rlnAngleTilt"], truth["rlnAngleTilt"])
+
+
+def test_refuses_existing_outputs_and_unknown_method(simulated, tmp_path, capsys):
+    out = tmp_path / "map.mrc"
+    out.write_bytes(b"x")
+    with pytest.raises(SystemExit) as err:
+        main(["reconstruct", "--star", str(simulated / "particles.star"), "--out", str(out)])
+    assert err.value.code == 2 and "map.mrc" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reconstruct", "--star", str(simulated / "particles.star"), "--out", str(tmp_path / "b.mrc"),
+              "--method", "magic"])
+    assert "common-lines" in capsys.readouterr().err
+
+
+def test_real_stack_with_class_averages_runs_end_to_end(shared_data, tmp_path):
+    source = shared_data / "real" / "cryodrgn"
+    star = source / "toy_projections_dir.star"
+    before = _digest([star])
+    out = tmp_path / "toy" / "map.mrc"
+    main(["reconstruct", "--star", str(star), "--datadir", str(source / "toy_datadir"), "--pixel-size", "4.0",
+          "--out", str(out), "--box", "30", "--max-images", "150", "--class-average", "--n-classes", "60",
+          "--iterations", "5", "--device", "cpu"])
+    assert _digest([star]) == before
+    with mrcfile.open(out) as m:
+        assert m.data.shape == (30, 30, 30) and np.isfinite(m.data).all()
+    assert mrcfile.open(tmp_path / "toy" / "map_classes.mrcs").data.shape == (60, 30, 30)
+    written = starfile.read(tmp_path / "toy" / "map.star")
+    particles = written["particles"] if isinstance(written, dict) else written
+    assert len(particles) == 60 and particles["rlnImageName"].str.contains("toy_images").all()
