@@ -57,6 +57,7 @@ class SyncResult:
 
 def vote_plane_cosines(
     angles: torch.Tensor, n_bins: int = 90, sigma_deg: float = 3.0, min_sine: float = 0.1,
+    n_voters: int | None = 512, seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos a_ij = d_i . d_j`` for every pair by voting over all third images.
 
@@ -67,34 +68,49 @@ def vote_plane_cosines(
         sigma_deg: width of the Gaussian that smooths the histogram, and of the window around its
             peak whose votes are averaged (degrees).
         min_sine: triangles whose sines are smaller (nearly collinear lines) do not vote.
+        n_voters: third images that vote, a seeded random subset when there are more (the cost
+            is ``N^2 n_voters`` instead of ``N^3``; a few hundred votes make a clear peak). None:
+            all of them.
+        seed: seed of that subset.
     Returns:
         ``(cosines, support)``, both ``(N, N)``; the diagonal is ``(1, 1)``.
     """
     N = angles.shape[0]
-    t = angles.double()
-    device = t.device
-    centres = (torch.arange(n_bins, device=device, dtype=torch.float64) + 0.5) * math.pi / n_bins
+    # float64 for exact inputs (tests), else the input's precision: the cost is elementwise.
+    dtype = torch.float64 if angles.dtype == torch.float64 else torch.float32
+    device = angles.device
+    t = angles.to(dtype)
+    # Angle differences through cos/sin tables: products instead of trigonometric calls.
+    C, S = torch.cos(t), torch.sin(t)
+    centres = (torch.arange(n_bins, device=device, dtype=dtype) + 0.5) * math.pi / n_bins
     sigma = math.radians(sigma_deg)
-    offsets = torch.arange(-n_bins, n_bins + 1, device=device, dtype=torch.float64) * math.pi / n_bins
+    offsets = torch.arange(-n_bins, n_bins + 1, device=device, dtype=dtype) * math.pi / n_bins
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = kernel[kernel > 1e-3]
-    cosines = torch.eye(N, dtype=torch.float64, device=device)
-    support = torch.eye(N, dtype=torch.float64, device=device)
+    cosines = torch.eye(N, dtype=dtype, device=device)
+    support = torch.eye(N, dtype=dtype, device=device)
     ks = torch.arange(N, device=device)
+    if n_voters is not None and n_voters < N:
+        g = torch.Generator().manual_seed(seed)
+        ks = torch.randperm(N, generator=g)[:n_voters].sort().values.to(device)
+    C_ik, S_ik = C[:, ks], S[:, ks]  # (N, K): image i's line towards voter k
+    C_ki, S_ki = C[ks].T, S[ks].T  # (N, K): voter k's line towards image i
     for i in range(N - 1):
         js = torch.arange(i + 1, N, device=device)
-        # Rows: pairs (i, j); columns: third images k.
-        a_i = t[i][None, :] - t[i, js][:, None]  # t_ik - t_ij
-        a_j = t[js] - t[js, i][:, None]  # t_jk - t_ji
-        a_k = t[:, i][None, :] - t[:, js].T  # t_ki - t_kj
-        sines = torch.sin(a_i) * torch.sin(a_j)
-        cos_a = (torch.cos(a_k) - torch.cos(a_i) * torch.cos(a_j)) / torch.where(sines.abs() > 1e-12, sines, torch.ones_like(sines))
-        valid = (sines.abs() > min_sine**2) & (cos_a.abs() <= 1.0 + 1e-3)
-        valid &= (ks[None, :] != i) & (ks[None, :] != js[:, None])
+        # Rows: pairs (i, j); columns: voters k. a_i = t_ik - t_ij, a_j = t_jk - t_ji, a_k = t_ki - t_kj.
+        cos_ai = C_ik[i][None] * C[i, js][:, None] + S_ik[i][None] * S[i, js][:, None]
+        sin_ai = S_ik[i][None] * C[i, js][:, None] - C_ik[i][None] * S[i, js][:, None]
+        cos_aj = C_ik[js] * C[js, i][:, None] + S_ik[js] * S[js, i][:, None]
+        sin_aj = S_ik[js] * C[js, i][:, None] - C_ik[js] * S[js, i][:, None]
+        cos_ak = C_ki[i][None] * C_ki[js] + S_ki[i][None] * S_ki[js]
+        sines = sin_ai * sin_aj
+        valid = sines.abs() > min_sine**2
+        cos_a = (cos_ak - cos_ai * cos_aj) / torch.where(valid, sines, torch.ones_like(sines))
+        valid &= (cos_a.abs() <= 1.0 + 1e-3) & (ks[None, :] != i) & (ks[None, :] != js[:, None])
         alpha = torch.arccos(cos_a.clamp(-1, 1))
-        bins = (alpha / math.pi * n_bins).long().clamp(0, n_bins - 1)
-        hist = torch.zeros(len(js), n_bins, dtype=torch.float64, device=device)
-        hist.scatter_add_(1, bins, valid.double())
+        bins = (alpha * (n_bins / math.pi)).long().clamp(0, n_bins - 1)
+        hist = torch.zeros(len(js), n_bins, dtype=dtype, device=device)
+        hist.scatter_add_(1, bins, valid.to(dtype))
         smooth = torch.nn.functional.conv1d(hist[:, None], kernel[None, None], padding=len(kernel) // 2)[:, 0]
         peak = centres[smooth.argmax(-1)]
         near = valid & ((alpha - peak[:, None]).abs() <= 2 * sigma)
@@ -102,7 +118,7 @@ def vote_plane_cosines(
         mean_alpha = torch.where(count > 0, (alpha * near).sum(-1) / count.clamp_min(1), peak)
         cosines[i, js] = cosines[js, i] = torch.cos(mean_alpha)
         frac = count / valid.sum(-1).clamp_min(1)
-        support[i, js] = support[js, i] = frac.double()
+        support[i, js] = support[js, i] = frac.to(dtype)
     return cosines.to(angles.dtype), support.to(angles.dtype)
 
 
@@ -133,7 +149,7 @@ def sync_matrix(angles: torch.Tensor, cosines: torch.Tensor, weights: torch.Tens
 
 
 def _top_eigenvectors(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if S.shape[0] <= 6000:
+    if S.shape[0] <= 2000:
         values, vectors = torch.linalg.eigh(S)
         return values.flip(0)[:k], vectors.flip(1)[:, :k]
     # Large N: subspace iteration with a few extra vectors (S is PSD-like with a big gap).

@@ -9,9 +9,17 @@ images, then shrunk by a per-set Wiener gain with a learned per-radius noise inf
 multiplied by the target image's own CTF (the target is the clean, CTF-affected image), and
 finally restricted to a learned radial support in real space.
 
+Optionally (``refine_channels > 0``) a convolutional refiner adds a learned, nonlinear prior on
+top of the averaging: a U-Net sees the noisy image, the set estimate and the CWF guide (in units
+of the noise standard deviation) and predicts a correction to the estimate. Averaging removes
+most of the noise; the refiner removes what the linear Wiener shrinkage leaves and sharpens
+what imperfect neighbours blurred.
+
 In-plane rotation is handled by construction: rotating any input image by ``2 pi s / T`` shifts
 its polar spectrum by ``s`` samples, which the circular correlations absorb, so the output rotates
-with the input (up to polar interpolation). Any set size works; cost grows as ``N^2 R T``.
+with the input (up to polar interpolation). The refiner is made equivariant to quarter turns by
+averaging it over the four rotations of its input in evaluation mode (in training, the data are
+already uniform over in-plane angles). Any set size works; cost grows as ``N^2 R T``.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cryo_lightning.denoise.cwf import cwf_denoise
+from cryo_lightning.models.unet import UNet
 from cryo_lightning.physics.polar import PolarSpectrum
 from cryo_lightning.physics.fourier import radial_grid
 from cryo_lightning.physics.noise import estimate_noise_variance
@@ -44,10 +53,12 @@ class PolarSetTransformer(nn.Module):
         guide: ``"cwf"`` starts from the covariance Wiener filter's estimates (see
             ``cryo_lightning.denoise.cwf``) and mixes them into the output; ``"none"`` starts
             from the noisy images.
+        refine_channels: width of the convolutional refiner (a depth-3 U-Net); 0: none.
     """
 
     def __init__(self, L: int = 32, n_radii: int = 33, n_angles: int = 128, heads: int = 4,
-                 similarity_radius: float = 0.5, layers: int = 2, guide: str = "none") -> None:
+                 similarity_radius: float = 0.5, layers: int = 2, guide: str = "none",
+                 refine_channels: int = 0) -> None:
         super().__init__()
         if guide not in ("none", "cwf"):
             raise ValueError(f"guide must be 'none' or 'cwf', got {guide!r}")
@@ -65,6 +76,10 @@ class PolarSetTransformer(nn.Module):
         self.support_logits = nn.Parameter((0.4 * L - radii) / 1.5)
         r = radial_grid(L, 2).clamp_max(L // 2 + 1)
         self.register_buffer("_radius", r, persistent=False)
+        self.refiner = UNet(depth=3, channels=refine_channels, in_channels=3) if refine_channels > 0 else None
+        if self.refiner is not None:
+            nn.init.zeros_(self.refiner.head.weight)  # starts as the plain set estimate
+            nn.init.zeros_(self.refiner.head.bias)
 
     def forward(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
                 noise_variance: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,9 +106,11 @@ class PolarSetTransformer(nn.Module):
         c2_mean = (c * c).mean((1, 3)).clamp_min(1e-3)
         signal = ((power - noise[:, :, 0, 0]) / c2_mean).clamp_min(0)[:, None, :, None]  # (B, 1, R, 1)
         estimate = spec  # the first layer compares the noisy images themselves...
+        guide_image = None
         if self.guide == "cwf":  # ... or their covariance-Wiener estimates
             with torch.no_grad():
-                guide = self.polar(cwf_denoise(noisy.float(), ctf.float(), noise_variance.float()))
+                guide_image = cwf_denoise(noisy.float(), ctf.float(), noise_variance.float())
+            guide = self.polar(guide_image)
             estimate = guide
         for layer in self.layers:
             # Later layers find neighbours and rotations from the previous, cleaner estimates.
@@ -101,7 +118,20 @@ class PolarSetTransformer(nn.Module):
         if self.guide == "cwf":
             mix = torch.sigmoid(self.guide_mix)[None, None, :, None]
             estimate = mix * guide + (1 - mix) * estimate
-        return self.polar.inverse(estimate) * self.support()
+        out = self.polar.inverse(estimate) * self.support()
+        if self.refiner is not None:
+            scale = noise_variance.float().clamp_min(1e-12).sqrt()[:, None, None, None]
+            reference = out if guide_image is None else guide_image
+            x = torch.stack([noisy.float(), out, reference], 2).flatten(0, 1) / scale.repeat_interleave(N, 0)
+            out = out + self._refine(x).reshape(B, N, L, L) * scale
+        return out
+
+    def _refine(self, x: torch.Tensor) -> torch.Tensor:
+        """Refiner correction of ``(M, 3, L, L)`` inputs, averaged over quarter turns when evaluating."""
+        if self.training:
+            return self.refiner.correction(x)[:, 0]
+        turns = [torch.rot90(self.refiner.correction(torch.rot90(x, k, (-2, -1))), -k, (-2, -1)) for k in range(4)]
+        return torch.stack(turns).mean(0)[:, 0]
 
     def support(self) -> torch.Tensor:
         """The learned support ``(L, L)`` in [0, 1]: a radial profile, linearly interpolated."""

@@ -35,15 +35,16 @@ class UNet(nn.Module):
     Args:
         depth: number of down-sampling steps (>= 1).
         channels: feature channels at full resolution.
+        in_channels: input channels of :meth:`correction` (``forward`` uses one).
     """
 
-    def __init__(self, depth: int = 3, channels: int = 32) -> None:
+    def __init__(self, depth: int = 3, channels: int = 32, in_channels: int = 1) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.depth = depth
         widths = [channels * 2**d for d in range(depth + 1)]
-        self.down = nn.ModuleList([_block(1, widths[0])])
+        self.down = nn.ModuleList([_block(in_channels, widths[0])])
         self.down.extend(_block(widths[d - 1], widths[d]) for d in range(1, depth + 1))
         self.up = nn.ModuleList(nn.ConvTranspose2d(widths[d], widths[d - 1], 2, stride=2)
                                 for d in range(depth, 0, -1))
@@ -60,14 +61,17 @@ class UNet(nn.Module):
             x = merge(torch.cat([skips.pop(), up(x)], dim=1))
         return self.head(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(..., L, L)`` noisy -> ``(..., L, L)`` denoised (same shape)."""
-        shape = images.shape
-        H, W = shape[-2], shape[-1]
-        x = images.reshape(-1, 1, H, W)
+    def correction(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's output for ``(M, in_channels, H, W)`` inputs: ``(M, 1, H, W)``."""
+        H, W = x.shape[-2:]
         m = 2**self.depth
         ph, pw = -H % m, -W % m
         top, left = ph // 2, pw // 2
         padded = F.pad(x, (left, pw - left, top, ph - top))
-        noise = self._net(padded)[..., top : top + H, left : left + W]
-        return (x - noise).reshape(shape)
+        return self._net(padded)[..., top : top + H, left : left + W]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(..., L, L)`` noisy -> ``(..., L, L)`` denoised (same shape)."""
+        shape = images.shape
+        x = images.reshape(-1, 1, *shape[-2:])
+        return (x - self.correction(x)).reshape(shape)

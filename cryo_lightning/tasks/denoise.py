@@ -28,11 +28,15 @@ class DenoiseTask(pl.LightningModule):
     Args:
         net: the denoiser (an ``nn.Module``; in YAML a ``class_path``/``init_args`` block).
         lr: Adam learning rate.
+        lr_overrides: learning rates for parameters whose name starts with a prefix, e.g.
+            ``{"net.refiner": 0.001}`` (a convolutional part of a model whose other parameters
+            are a handful of physical quantities that want a larger step).
         weight_decay: Adam weight decay.
         grid_images: images shown in the validation grid.
     """
 
-    def __init__(self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, grid_images: int = 4) -> None:
+    def __init__(self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, grid_images: int = 4,
+                 lr_overrides: dict[str, float] | None = None) -> None:
         super().__init__()
         with warnings.catch_warnings():
             # Under LightningCLI the saved `net` is its class_path/init_args config, which is what
@@ -103,4 +107,10 @@ class DenoiseTask(pl.LightningModule):
         experiment.add_image("val/noisy_denoised_clean", grid[None].float().cpu(), self.global_step)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        overrides = self.hparams.get("lr_overrides") or {}
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            lr = next((v for prefix, v in overrides.items() if name.startswith(prefix)), self.hparams.lr)
+            groups.setdefault(lr, []).append(param)
+        return torch.optim.Adam([{"params": p, "lr": lr} for lr, p in groups.items()],
+                                lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

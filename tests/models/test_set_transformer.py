@@ -79,3 +79,24 @@ def test_cwf_guide_keeps_equivariances():
     out_rot = model(rot(b["noisy"]), rot(b["ctf"]), b["noise_variance"])
     # the CWF basis lives on the pixel grid, so rotation equivariance holds up to its interpolation
     assert float((out_rot - rot(out)).norm() / out.norm()) < 2e-2
+
+
+def test_refiner_keeps_equivariances_and_starts_as_the_set_estimate():
+    L = 33
+    plain = PolarSetTransformer(L=L, n_angles=64, heads=2, layers=1, guide="cwf")
+    model = PolarSetTransformer(L=L, n_angles=64, heads=2, layers=1, guide="cwf", refine_channels=4)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    model.eval()
+    b = _batch(L, 6)
+    with torch.no_grad():
+        out = model(b["noisy"], b["ctf"], b["noise_variance"])
+        # The refiner's last layer starts at zero: the output is the set estimate.
+        torch.testing.assert_close(out, plain.eval()(b["noisy"], b["ctf"], b["noise_variance"]))
+        torch.nn.init.normal_(model.refiner.head.weight, std=0.1)  # a non-trivial refiner
+        out = model(b["noisy"], b["ctf"], b["noise_variance"])
+        perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(model(b["noisy"][:, perm], b["ctf"][:, perm], b["noise_variance"]), out[:, perm],
+                                   atol=1e-4, rtol=1e-4)
+        rot = lambda x: torch.rot90(x, 1, dims=(-2, -1))  # noqa: E731
+        out_rot = model(rot(b["noisy"]), rot(b["ctf"]), b["noise_variance"])
+    assert float((out_rot - rot(out)).norm() / out.norm()) < 1e-3

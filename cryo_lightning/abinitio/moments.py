@@ -1,0 +1,269 @@
+"""First and second moments of particle images in a steerable basis, streamed and noise-debiased.
+
+Images are represented by their 2D Fourier-Bessel coefficients
+(:class:`~cryo_lightning.denoise.steerable_basis.FourierBesselBasis`), truncated to angular
+frequencies ``k <= k_max`` and radial functions below a band limit (:class:`MomentLayout`). For
+poses whose in-plane angle is uniform, averaging over that angle makes the moments
+block-diagonal in ``k`` (an in-plane rotation multiplies block ``k`` by ``exp(-i k alpha)``), so
+the compressed representation kept here is::
+
+    M1     = E[c]                      (all kept k; the k != 0 entries vanish up to the grid's
+                                        non-steerability, and are kept so that the forward model
+                                        can be compared entry by entry)
+    M2_k   = E[c_k c_k^H] - sigma^2 I  (one Hermitian Q_k x Q_k block per k)
+
+per CTF group. The noise term is exactly ``sigma^2 I`` in every block: noise is white in pixels
+(added after the CTF), and the radial functions of each ``k`` are orthonormal on the pixel grid,
+so ``E[n_k n_k^H] = sigma^2 Phi_k^H Phi_k = sigma^2 I`` (``H H^T`` of the noise model ``I = H P
++ n`` is the identity here because ``H`` acts on the signal only).
+
+CTF groups: the estimator accumulates sums per group (memory independent of the number of
+images); :func:`group_by_defocus` bins images by mean defocus and returns one representative,
+astigmatism-free CTF per group. The forward model
+(:class:`~cryo_lightning.abinitio.moment_model.MomentModel`) is then evaluated with those CTFs;
+astigmatism and the spread of defocus within a bin are the approximations (a group's
+representative CTF is exact when all its images share it).
+
+Everything is pure torch, accumulates in float64/complex128 on the layout's device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from cryo_lightning.denoise.steerable_basis import FourierBesselBasis
+from cryo_lightning.physics.ctf import CTFParams
+
+__all__ = ["MomentLayout", "ImageMoments", "MomentEstimator", "estimate_moments", "group_by_defocus"]
+
+
+class MomentLayout:
+    """Truncated steerable image basis in which moments are formed.
+
+    Keeps the Fourier-Bessel functions ``phi_kq`` with ``k <= k_max`` and ``z_kq < 2 pi c R``
+    (``R = L / 2``), i.e. radial frequency below the band limit ``c`` (cycles/pixel). Projections
+    of a volume expanded in spherical harmonics of degree ``<= l_max`` have angular frequencies
+    ``<= l_max``, so ``k_max = l_max`` keeps all their content up to the grid's
+    non-steerability.
+
+    Args:
+        L: image size (pixels).
+        k_max: highest angular frequency kept.
+        bandlimit: ``c`` in cycles/pixel (default Nyquist, 0.5).
+        device: where the basis lives.
+
+    Attributes:
+        basis: the full :class:`FourierBesselBasis` (float64).
+        block_sizes: ``Q_k`` kept for ``k = 0..k_max``.
+        count: ``sum_k Q_k`` (complex coefficients).
+        index: ``(count,)`` positions of the kept coefficients in the full basis.
+        angular_index: ``(count,)`` ``k`` of each kept coefficient.
+    """
+
+    def __init__(self, L: int, k_max: int, bandlimit: float = 0.5, device: torch.device | str | None = None) -> None:
+        if not 0 < bandlimit <= 0.5:
+            raise ValueError(f"bandlimit must be in (0, 0.5] cycles/pixel, got {bandlimit}")
+        self.L, self.k_max, self.bandlimit = L, int(k_max), float(bandlimit)
+        self.basis = FourierBesselBasis(L, device=device, dtype=torch.float64)
+        self.device = self.basis.device
+        cutoff = 2 * math.pi * self.bandlimit * self.basis.radius
+        offsets = [0]
+        for q in self.basis.block_sizes:
+            offsets.append(offsets[-1] + q)
+        sizes, index = [], []
+        for k in range(self.k_max + 1):
+            n = int((self.basis.zeros[k] < cutoff).sum()) if k < len(self.basis.zeros) else 0
+            sizes.append(n)
+            index.append(torch.arange(offsets[k], offsets[k] + n) if n else torch.zeros(0, dtype=torch.int64))
+        self.block_sizes: list[int] = sizes
+        self.count = sum(sizes)
+        self.index = torch.cat(index).to(self.device)
+        self.angular_index = torch.cat([torch.full((q,), k, dtype=torch.int64) for k, q in enumerate(sizes)]).to(
+            self.device
+        )
+
+    def expand(self, images: torch.Tensor) -> torch.Tensor:
+        """Kept coefficients of real images.
+
+        Args:
+            images: ``(..., L, L)`` real, centre at ``L // 2``.
+        Returns:
+            ``(..., count)`` complex128.
+        """
+        return self.basis.expand(images.to(self.device, torch.float64))[..., self.index]
+
+    def split(self, coeffs: torch.Tensor) -> list[torch.Tensor]:
+        """Per-``k`` blocks ``(..., Q_k)`` of ``(..., count)`` coefficients."""
+        return list(torch.split(coeffs, self.block_sizes, dim=-1))
+
+
+@dataclass
+class ImageMoments:
+    """Moments of a set of images, per CTF group (module docstring).
+
+    Attributes:
+        m1: ``(G, count)`` complex128, mean coefficients.
+        m2: per ``k``, ``(G, Q_k, Q_k)`` complex128 Hermitian, debiased second moment.
+        counts: ``(G,)`` float64, images per group.
+        noise_variance: ``(G,)`` float64, the mean ``sigma^2`` subtracted (0 if not debiased).
+    """
+
+    m1: torch.Tensor
+    m2: list[torch.Tensor]
+    counts: torch.Tensor
+    noise_variance: torch.Tensor
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """``(G,)`` fraction of images in each group."""
+        return self.counts / self.counts.sum()
+
+    def to(self, device: torch.device | str) -> ImageMoments:
+        return ImageMoments(self.m1.to(device), [b.to(device) for b in self.m2], self.counts.to(device),
+                            self.noise_variance.to(device))
+
+
+class MomentEstimator:
+    """Streaming estimator of :class:`ImageMoments`; memory ``O(G sum_k Q_k^2)``, independent of ``N``.
+
+    Example::
+
+        est = MomentEstimator(layout, n_groups=4)
+        for images, groups, sigma2 in loader:
+            est.update(images, groups, sigma2)
+        moments = est.result()
+
+    Args:
+        layout: the image basis.
+        n_groups: number of CTF groups ``G``.
+    """
+
+    def __init__(self, layout: MomentLayout, n_groups: int = 1) -> None:
+        self.layout, self.n_groups = layout, int(n_groups)
+        dev, G = layout.device, self.n_groups
+        self._s1 = torch.zeros(G, layout.count, dtype=torch.complex128, device=dev)
+        self._s2 = [torch.zeros(G, q, q, dtype=torch.complex128, device=dev) for q in layout.block_sizes]
+        self._n = torch.zeros(G, dtype=torch.float64, device=dev)
+        self._noise = torch.zeros(G, dtype=torch.float64, device=dev)
+
+    def update(
+        self,
+        images: torch.Tensor,
+        groups: torch.Tensor | None = None,
+        noise_variance: float | torch.Tensor | None = None,
+    ) -> None:
+        """Add images to the running sums.
+
+        Args:
+            images: ``(n, L, L)`` real (any device; moved to the layout's).
+            groups: ``(n,)`` int64 CTF group of each image in ``[0, G)`` (all 0 when ``None``).
+            noise_variance: ``sigma^2`` per image (scalar or ``(n,)``), pixel units; accumulated so
+                that :meth:`result` subtracts each group's mean. ``None`` adds 0.
+        """
+        dev = self.layout.device
+        c = self.layout.expand(images)  # (n, count)
+        n = c.shape[0]
+        g = torch.zeros(n, dtype=torch.int64, device=dev) if groups is None else groups.to(dev, torch.int64)
+        if n and (int(g.min()) < 0 or int(g.max()) >= self.n_groups):
+            raise ValueError(f"group indices must be in [0, {self.n_groups}), got [{int(g.min())}, {int(g.max())}]")
+        onehot = torch.nn.functional.one_hot(g, self.n_groups).to(torch.float64)  # (n, G)
+        self._n += onehot.sum(0)
+        self._s1 += onehot.to(c.dtype).T @ c
+        for s2, ck in zip(self._s2, self.layout.split(c)):
+            # sum over images of c c^H, per group: (G, n) x (n, Q) x (n, Q)
+            s2 += torch.einsum("ng,nq,nr->gqr", onehot.to(c.dtype), ck, ck.conj())
+        if noise_variance is not None:
+            s = torch.as_tensor(noise_variance, dtype=torch.float64, device=dev).expand(n)
+            self._noise += onehot.T @ s
+
+    def result(self, noise_variance: float | None = None) -> ImageMoments:
+        """Mean moments per group, with ``sigma^2 I`` subtracted from each ``M2_k``.
+
+        Args:
+            noise_variance: if given, overrides the per-image values passed to :meth:`update`.
+        Raises:
+            ValueError: a group received no image.
+        """
+        if bool((self._n == 0).any()):
+            empty = torch.nonzero(self._n == 0).flatten().tolist()
+            raise ValueError(f"CTF groups {empty} received no image")
+        n = self._n
+        sigma2 = (
+            torch.full_like(n, float(noise_variance)) if noise_variance is not None else self._noise / n
+        )
+        m1 = self._s1 / n[:, None]
+        m2 = []
+        for s2 in self._s2:
+            eye = torch.eye(s2.shape[-1], dtype=s2.dtype, device=s2.device)
+            m2.append(s2 / n[:, None, None] - sigma2[:, None, None] * eye)
+        return ImageMoments(m1, m2, n.clone(), sigma2)
+
+
+def estimate_moments(
+    images: torch.Tensor | Iterable[torch.Tensor],
+    layout: MomentLayout,
+    groups: torch.Tensor | None = None,
+    noise_variance: float | torch.Tensor | None = None,
+    n_groups: int = 1,
+    batch_size: int = 2048,
+) -> ImageMoments:
+    """Moments of a stack of images (streamed in batches), noise-debiased.
+
+    Args:
+        images: ``(N, L, L)`` tensor (any device), or an iterable of ``(n, L, L)`` batches (then
+            ``groups`` and a per-image ``noise_variance`` are not supported: use
+            :class:`MomentEstimator`).
+        layout: image basis.
+        groups: ``(N,)`` CTF group per image (see :func:`group_by_defocus`).
+        noise_variance: ``sigma^2``, scalar or ``(N,)``.
+        n_groups: ``G`` (default ``groups.max() + 1``).
+        batch_size: images per batch.
+    """
+    if groups is not None:
+        n_groups = max(n_groups, int(groups.max()) + 1)
+    est = MomentEstimator(layout, n_groups)
+    if isinstance(images, torch.Tensor):
+        per_image = isinstance(noise_variance, torch.Tensor) and noise_variance.ndim > 0
+        for s in range(0, images.shape[0], batch_size):
+            sl = slice(s, s + batch_size)
+            est.update(images[sl], None if groups is None else groups[sl],
+                       noise_variance[sl] if per_image else noise_variance)
+    else:
+        if groups is not None or (isinstance(noise_variance, torch.Tensor) and noise_variance.ndim > 0):
+            raise ValueError("per-image groups/noise need a tensor of images; use MomentEstimator for streams")
+        for batch in images:
+            est.update(batch, None, noise_variance)
+    return est.result()
+
+
+def group_by_defocus(params: CTFParams, n_groups: int) -> tuple[torch.Tensor, CTFParams]:
+    """Bin images into CTF groups by mean defocus (equal-count quantile bins).
+
+    Args:
+        params: per-image CTF parameters, batch shape ``(N,)``.
+        n_groups: ``G`` (at most ``N``).
+    Returns:
+        ``groups (N,)`` int64 and representative parameters with batch shape ``(G,)``: the
+        group's mean of ``(defocus_u + defocus_v) / 2`` without astigmatism, other fields
+        averaged.
+    """
+    mean_defocus = 0.5 * (params.defocus_u + params.defocus_v)
+    n = mean_defocus.shape[0]
+    n_groups = max(1, min(int(n_groups), n))
+    order = torch.argsort(mean_defocus)
+    groups = torch.empty(n, dtype=torch.int64, device=mean_defocus.device)
+    groups[order] = torch.arange(n, device=mean_defocus.device) * n_groups // n
+    onehot = torch.nn.functional.one_hot(groups, n_groups).to(mean_defocus.dtype)
+    count = onehot.sum(0)
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return (onehot.T @ t.to(onehot.dtype).expand(n)) / count
+
+    fields = {f: mean(getattr(params, f)) for f in CTFParams.fields()}
+    d = mean(mean_defocus)
+    fields.update(defocus_u=d, defocus_v=d, defocus_angle=torch.zeros_like(d))
+    return groups, CTFParams(**fields)
