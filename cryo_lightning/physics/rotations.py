@@ -27,6 +27,7 @@ __all__ = [
     "random_rotations",
     "viewing_direction",
     "directions_to_rotations",
+    "PoseSampler",
     "sample_vmf",
     "ViewingDistribution",
     "geodesic_distance",
@@ -180,8 +181,27 @@ def sample_vmf(
     return (to_mu @ around_z[..., None])[..., 0]
 
 
+class PoseSampler:
+    """Poses from a distribution of viewing directions with a uniform in-plane angle.
+
+    Subclasses provide ``sample_directions(n, generator, device, dtype) -> (n, 3)``.
+    """
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """``n`` RELION pose matrices ``(n, 3, 3)``: directions from the distribution, in-plane
+        angle uniform."""
+        d = self.sample_directions(n, generator=generator, device=device, dtype=dtype)
+        return directions_to_rotations(d, generator=generator)
+
+
 @dataclass
-class ViewingDistribution:
+class ViewingDistribution(PoseSampler):
     """Mixture of von Mises-Fisher distributions of viewing directions, in-plane angle uniform.
 
     Attributes:
@@ -220,16 +240,6 @@ class ViewingDistribution:
         comp = torch.multinomial(weights, n, replacement=True, generator=generator)
         return sample_vmf(means[comp], kappas[comp], n, generator=generator)
 
-    def sample(
-        self,
-        n: int,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> torch.Tensor:
-        """``n`` pose matrices ``(n, 3, 3)`` whose viewing directions follow the mixture."""
-        d = self.sample_directions(n, generator=generator, device=device, dtype=dtype)
-        return directions_to_rotations(d, generator=generator)
 
 
 def geodesic_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

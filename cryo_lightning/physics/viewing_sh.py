@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cryo_lightning.physics.rotations import ViewingDistribution, directions_to_rotations
+from cryo_lightning.physics.rotations import PoseSampler, ViewingDistribution
 from cryo_lightning.physics.spherical_harmonics import real_spherical_harmonics, sphere_quadrature
 
 __all__ = ["even_sh_count", "SHViewingDistribution"]
@@ -86,7 +86,7 @@ def _bernstein_grid(degree: int) -> tuple[torch.Tensor, float]:
 
 
 @dataclass(frozen=True)
-class SHViewingDistribution:
+class SHViewingDistribution(PoseSampler):
     """In-plane-uniform pose distribution with even-degree harmonic coefficients (module docstring).
 
     Attributes:
@@ -295,13 +295,3 @@ class SHViewingDistribution:
             have += out[-1].shape[0]
         return torch.cat(out).to(dtype)
 
-    def sample(
-        self,
-        n: int,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> torch.Tensor:
-        """``n`` RELION pose matrices ``(n, 3, 3)``: directions from ``rho``, in-plane angle uniform."""
-        d = self.sample_directions(n, generator=generator, device=device, dtype=dtype)
-        return directions_to_rotations(d, generator=generator)
