@@ -39,8 +39,8 @@ from cryo_lightning.abinitio.common_lines import detect_common_lines
 from cryo_lightning.abinitio.reconstruct import reconstruct
 from cryo_lightning.abinitio.synchronization import estimate_rotations
 from cryo_lightning.denoise.cwf import cwf_denoise
-from cryo_lightning.physics.ctf import ctf_2d, random_ctf_params
-from cryo_lightning.physics.fourier import fft2c, fourier_shell_correlation, ifft2c, resolution_at
+from cryo_lightning.physics.ctf import ctf_2d, phase_flip, random_ctf_params
+from cryo_lightning.physics.fourier import fourier_shell_correlation, resolution_at
 from cryo_lightning.physics.image_formation import clean_images
 from cryo_lightning.physics.noise import add_white_noise
 from cryo_lightning.physics.projection import volume_spectrum
@@ -68,10 +68,6 @@ def simulate(n: int, snr: float | None, with_ctf: bool, seed: int, device: torch
         noise_var = float(variance)
     return {"volume": volume, "rotations": rotations, "ctf": ctf, "clean": clean, "images": noisy,
             "noise_variance": noise_var}
-
-
-def phase_flip(images: torch.Tensor, ctf: torch.Tensor | None) -> torch.Tensor:
-    return images if ctf is None else ifft2c(fft2c(images) * torch.sign(ctf)).real
 
 
 def run_case(name: str, data: dict, lines_images: torch.Tensor, recon_images: torch.Tensor,

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cryo_lightning.abinitio.peaks import parabolic_offset
 from cryo_lightning.denoise.cwf import cwf_coefficients
 from cryo_lightning.denoise.steerable_basis import FourierBesselBasis, fourier_bessel_basis
 from cryo_lightning.denoise.wiener import estimate_radial_spectrum
@@ -330,13 +331,6 @@ def select_centres(neighbors: torch.Tensor, similarities: torch.Tensor, n: int) 
     return torch.tensor(chosen, dtype=torch.int64, device=neighbors.device)
 
 
-def _parabolic_offset(left: torch.Tensor, centre: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Sub-sample offset in ``[-0.5, 0.5]`` of the vertex of the parabola through three samples."""
-    curvature = left - 2 * centre + right
-    offset = 0.5 * (left - right) / torch.where(curvature < 0, curvature, -torch.ones_like(curvature))
-    return torch.where(curvature < 0, offset, torch.zeros_like(offset)).clamp(-0.5, 0.5)
-
-
 def _square_grid(n: int, step: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Shifts ``{-n .. n} * step`` per axis as ``((2n + 1)^2, 2)`` ``(x, y)``, row-major in ``(y, x)``."""
     offsets = torch.arange(-n, n + 1, device=device, dtype=dtype) * step
@@ -425,7 +419,7 @@ def _peak(
     def at(s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return torch.gather(flat, -1, (s * T + a)[..., None])[..., 0]
 
-    d_angle = _parabolic_offset(at(s_idx, (a_idx - 1) % T), best, at(s_idx, (a_idx + 1) % T))
+    d_angle = parabolic_offset(at(s_idx, (a_idx - 1) % T), best, at(s_idx, (a_idx + 1) % T))
     angles = 2 * math.pi * (a_idx.to(corr.dtype) + d_angle) / T
     angles = math.pi - torch.remainder(math.pi - angles, 2 * math.pi)
     shifts = torch.gather(candidates, -2, s_idx[..., None, None].expand(*s_idx.shape, 1, 2))[..., 0, :]
@@ -433,7 +427,7 @@ def _peak(
         inner = (i > 0) & (i < n_grid - 1)  # refine only between two grid neighbours
         lo = (s_idx - stride).clamp(0, n_grid * n_grid - 1)
         hi = (s_idx + stride).clamp(0, n_grid * n_grid - 1)
-        d = _parabolic_offset(at(lo, a_idx), best, at(hi, a_idx))
+        d = parabolic_offset(at(lo, a_idx), best, at(hi, a_idx))
         shifts[..., axis] += torch.where(inner, d, torch.zeros_like(d)) * step
     return angles, shifts, best
 
@@ -532,7 +526,7 @@ def align_coefficients(
     best, a_idx = corr.max(-1)
     left = torch.gather(corr, -1, ((a_idx - 1) % n_angles)[..., None])[..., 0]
     right = torch.gather(corr, -1, ((a_idx + 1) % n_angles)[..., None])[..., 0]
-    angles = 2 * math.pi * (a_idx.to(corr.dtype) + _parabolic_offset(left, best, right)) / n_angles
+    angles = 2 * math.pi * (a_idx.to(corr.dtype) + parabolic_offset(left, best, right)) / n_angles
     return math.pi - torch.remainder(math.pi - angles, 2 * math.pi), best
 
 

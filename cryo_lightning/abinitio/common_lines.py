@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from cryo_lightning.abinitio.peaks import parabolic_offset
 from cryo_lightning.physics.polar import PolarSpectrum
 
 __all__ = ["common_line_angles", "detect_common_lines", "radial_lines"]
@@ -61,13 +62,6 @@ def radial_lines(
     lines = lines.transpose(1, 2)
     lines = lines / lines.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return torch.cat([lines.real, lines.imag], dim=-1)
-
-
-def _parabolic_offset(left: torch.Tensor, centre: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Sub-sample position of a peak from three samples (vertex of the fitted parabola)."""
-    curvature = left - 2 * centre + right
-    offset = 0.5 * (left - right) / torch.where(curvature.abs() > 1e-12, curvature, torch.full_like(curvature, -1e-12))
-    return offset.clamp(-0.5, 0.5)
 
 
 def _search(lines: torch.Tensor, stride: int, max_entries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,8 +152,8 @@ def detect_common_lines(
         def corr_at(dt: int, dp: int) -> torch.Tensor:
             return (lines[i, (t + dt) % T] * lines[j, (p + dp) % T]).sum(-1).double()
         c0 = corr_at(0, 0)
-        t_frac = t_frac + _parabolic_offset(corr_at(-1, 0), c0, corr_at(1, 0))
-        p_frac = p_frac + _parabolic_offset(corr_at(0, -1), c0, corr_at(0, 1))
+        t_frac = t_frac + parabolic_offset(corr_at(-1, 0), c0, corr_at(1, 0))
+        p_frac = p_frac + parabolic_offset(corr_at(0, -1), c0, corr_at(0, 1))
     step = 2 * math.pi / T
     angles = torch.zeros(N, N, dtype=torch.float64, device=images.device)
     angles[i, j] = torch.remainder(t_frac * step, 2 * math.pi)

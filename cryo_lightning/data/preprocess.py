@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cryo_lightning.physics.ctf import CTFParams, ctf_2d
+from cryo_lightning.physics.ctf import CTFParams, ctf_2d, phase_flip
 from cryo_lightning.physics.fourier import fft2c, fourier_resize, ifft2c, radial_grid, shell_average
 from cryo_lightning.physics.noise import disk_mask
 
@@ -169,7 +169,7 @@ class Preprocessor:
         else:
             ctf = ctf_2d(ctf_params.to(x.device, torch.float32), L_out, pixel)
         if mode == "phase_flipped" and stored_mode == "full":
-            x = ifft2c(fft2c(x) * torch.sign(ctf)).real
+            x = phase_flip(x, ctf)
         if mode == "phase_flipped":
             effective = ctf.abs()
         elif mode == "premultiplied":

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from cryo_lightning.io.atomic_write import check_overwrite
 from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.stack_reader import read_stack_info
+from cryo_lightning.io.star import image_names, write_particles_star
 
-__all__ = ["tool_parser", "add_flag", "pick_device", "parse_assume", "prepare_outputs"]
+__all__ = ["tool_parser", "add_flag", "pick_device", "parse_assume", "prepare_outputs", "open_particle_input"]
 
 
 def tool_parser(prog: str, doc: str | None, particles: bool = True):
@@ -75,3 +78,29 @@ def prepare_outputs(outputs: list[Path], inputs: list[Path], overwrite: bool) ->
         check_overwrite(path, overwrite)
     for path in outputs:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _stack_as_star(stack: Path, folder: Path, pixel_size: float | None) -> Path:
+    """A STAR file (no CTF) describing a plain .mrcs stack, so it reads like any particle file."""
+    info = read_stack_info(stack)
+    pixel = pixel_size or info.pixel_size
+    if pixel is None:
+        raise InputError(f"{stack}: the header has no pixel size; pass --pixel-size")
+    star = folder / f"{stack.stem}.star"
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnImagePixelSize": [pixel], "rlnImageSize": [info.nx], "rlnImageDimensionality": [2]})
+    particles = pd.DataFrame({"rlnImageName": image_names(str(stack.resolve()), info.n), "rlnOpticsGroup": 1})
+    write_particles_star(star, optics, particles)
+    return star
+
+
+def open_particle_input(path: str | Path, scratch: Path, datadir: str | None, pixel_size: float | None,
+                        assume: dict[str, float] | None):
+    """Open a RELION STAR, a cryoSPARC .cs or a plain .mrcs/.mrc stack (described by a STAR written
+    into ``scratch``, which must outlive the returned :class:`ParticleSource`)."""
+    from cryo_lightning.data.particles import open_particles
+
+    path = Path(path)
+    if path.suffix.lower() in (".mrcs", ".mrc"):
+        path = _stack_as_star(path, scratch, pixel_size)
+    return open_particles(path, datadir, pixel_size, assume)

@@ -19,35 +19,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
-from cryo_lightning.data.particles import ParticleSource, metadata_batch, open_particles
+from cryo_lightning.data.particles import ParticleSource, metadata_batch
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter
 from cryo_lightning.io.particle_writer import write_star_for_stack
-from cryo_lightning.io.stack_reader import read_stack_info
-from cryo_lightning.io.star import image_names, write_particles_star
 from cryo_lightning.physics.polar import PolarSpectrum
-from cryo_lightning.tools.common import parse_assume, pick_device, prepare_outputs, tool_parser
+from cryo_lightning.tools.common import open_particle_input, parse_assume, pick_device, prepare_outputs, tool_parser
 
 __all__ = ["context_sets", "denoise_particles", "main"]
-
-
-def _stack_as_star(stack: Path, folder: Path, pixel_size: float | None) -> Path:
-    """A STAR file (no CTF) describing a plain .mrcs stack, so it reads like any particle file."""
-    info = read_stack_info(stack)
-    pixel = pixel_size or info.pixel_size
-    if pixel is None:
-        raise InputError(f"{stack}: the header has no pixel size; pass --pixel-size")
-    star = folder / f"{stack.stem}.star"
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-                           "rlnImagePixelSize": [pixel], "rlnImageSize": [info.nx], "rlnImageDimensionality": [2]})
-    particles = pd.DataFrame({"rlnImageName": image_names(str(stack.resolve()), info.n), "rlnOpticsGroup": 1})
-    write_particles_star(star, optics, particles)
-    return star
 
 
 def rotation_invariant_embedding(images: torch.Tensor, n_radii: int = 12, n_angles: int = 32) -> torch.Tensor:
@@ -96,10 +79,7 @@ def denoise_particles(
     dev = pick_device(device)
     task = DenoiseTask.load_from_checkpoint(ckpt, map_location=dev).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(star)
-        if path.suffix.lower() in (".mrcs", ".mrc"):
-            path = _stack_as_star(path, Path(tmp), pixel_size)
-        source = open_particles(path, datadir, pixel_size, assume)
+        source = open_particle_input(star, Path(tmp), datadir, pixel_size, assume)
         return _run(task, source, Path(star), Path(out), set_size, context, batch_sets, dev, overwrite, seed,
                     chunk_particles)
 

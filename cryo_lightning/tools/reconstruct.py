@@ -35,17 +35,18 @@ from cryo_lightning.abinitio.class_average import class_averages
 from cryo_lightning.abinitio.common_lines import detect_common_lines
 from cryo_lightning.abinitio.reconstruct import reconstruct
 from cryo_lightning.abinitio.synchronization import estimate_rotations
-from cryo_lightning.data.particles import ParticleSource, metadata_batch, open_particles
+from cryo_lightning.data.particles import ParticleSource, metadata_batch
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
 from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import read_map, require_cubic, write_map, write_stack
 from cryo_lightning.io.particle_writer import star_blocks_for_stack
 from cryo_lightning.io.star import write_particles_star
+from cryo_lightning.physics.ctf import phase_flip
 from cryo_lightning.physics.fourier import fft2c, fourier_resize, fourier_shell_correlation, ifft2c, resolution_at
 from cryo_lightning.physics.projection import translate_spectrum
 from cryo_lightning.physics.rotations import euler_to_matrix, matrix_to_euler, register_rotations
-from cryo_lightning.tools.common import add_flag, parse_assume, pick_device, prepare_outputs, tool_parser
+from cryo_lightning.tools.common import add_flag, open_particle_input, parse_assume, pick_device, prepare_outputs, tool_parser
 
 __all__ = ["ReconstructionReport", "reconstruct_particles", "main"]
 
@@ -91,10 +92,6 @@ def _load(source: ParticleSource, rows: np.ndarray, processor: Preprocessor, dev
         ctfs.append(out["ctf"].expand_as(x).clone())
         pixels.append(out["pixel_size"])
     return torch.cat(images), torch.cat(ctfs), float(torch.cat(pixels).median())
-
-
-def _phase_flip(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
-    return ifft2c(fft2c(images) * torch.sign(ctf)).real
 
 
 def _denoise(ckpt: str, images: torch.Tensor, ctf: torch.Tensor, set_size: int, seed: int) -> torch.Tensor:
@@ -168,12 +165,7 @@ def reconstruct_particles(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(star)
-        if path.suffix.lower() in (".mrcs", ".mrc"):
-            from cryo_lightning.tools.denoise import _stack_as_star
-
-            path = _stack_as_star(path, Path(tmp), pixel_size)
-        source = open_particles(path, datadir, pixel_size, assume)
+        source = open_particle_input(star, Path(tmp), datadir, pixel_size, assume)
         prepare_outputs(list(paths.values()), [Path(star), *(i.path for i in source.reader.infos)], overwrite)
         for message in source.warnings:
             print(f"cryol reconstruct: warning: {message}", file=sys.stderr)
@@ -201,7 +193,7 @@ def reconstruct_particles(
             has_ctf = False
             timings["class_average"] = time.perf_counter() - t
         t = time.perf_counter()
-        lines_input = _phase_flip(images, ctf) if has_ctf else images
+        lines_input = phase_flip(images, ctf) if has_ctf else images
         angles, _ = detect_common_lines(lines_input, n_angles=n_angles, max_radius=max_radius)
         sync = estimate_rotations(angles)
         rotations = sync.rotations.float()
