@@ -87,3 +87,8 @@ if __name__ == "__main__":
     out, star = Path(sys.argv[1]), sys.argv[2]
     fit(synthetic(batch_size=2), out / "synthetic", devices=2)
     fit(particles(star, batch_size=2), out / "particles", devices=2)
+    # Tear the gloo group down before the interpreter exits: a live group's threads at exit
+    # occasionally abort the process ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
