@@ -1,20 +1,21 @@
 """Method-of-moments benchmark: forward model vs Monte Carlo, debiasing, classical solver, identifiability.
 
-Setting (default, about 5 minutes on 2 CPU cores): L = 32, SFB volume basis with l_max = 8 and
-band limit 0.3 cycles/pixel (525 coefficients), images in the Fourier-Bessel layout with
-k <= 8 and the same band limit, viewing distribution ``SHViewingDistribution.random(4)``
+Setting (default, about 15 minutes on 2 CPU cores): L = 32, SFB volume basis with l_max = 4 and
+band limit 0.5 cycles/pixel (359 coefficients), images in the Fourier-Bessel layout with
+k <= 4 and the same band limit, viewing distribution ``SHViewingDistribution.random(4)``
 (non-uniform, degree 4), two CTF groups (defocus 1.0 and 2.0 um, 300 kV, 3 A/pixel), a
 held-out molecule (``random_molecule`` with seed 1000 + i, not used by any test).
 
-1. Forward model vs Monte Carlo: relative error of the empirical M1 and M2 of N = 10^3, 10^4,
+1. Forward model vs Monte Carlo: relative error of the empirical M1, M2 and M3 slice of N = 10^3, 10^4,
    10^5 clean images (pixel pipeline of ``abinitio/moment_model.py``) against the model, with the
    Monte-Carlo standard error predicted from the samples; the error should fall like 1/sqrt(N).
-2. Debiasing at SNR 1/10: relative error of the debiased (and raw) M2 against the model.
+2. Debiasing at SNR 1/10: relative error of the debiased (and raw) M2 and M3 against the model.
 3. Classical solver (``fit_moments``): from exact moments and from the noisy moments of 10^4 and
-   10^5 images; aligned relative coefficient error (O(3)), moment residual, time.
-4. Identifiability: rank of the Jacobian of (M1, M2) w.r.t. (a, b) at the truth, for the pixel
-   model and for the ideal steerable model (couplings between angular frequencies removed); the
-   expected null space is 3-dimensional (global rotation).
+   10^5 images, with M1 + M2 only and with the M3 stage plus the whitened stage; aligned relative
+   coefficient error (O(3)), moment residual, time.
+4. Identifiability: rank of the Jacobian of (M1, M2) (and of (M1, M2, M3)) w.r.t. (a, b) at the
+   truth, for the pixel model and for the ideal steerable model (couplings between angular
+   frequencies removed); the expected null space is 3-dimensional (global rotation).
 
     python benchmarks/moments.py            # writes benchmarks/results/moments.{json,md}
 """
@@ -73,10 +74,10 @@ def image_stream(basis, a, dist, ctfs, n, chunk, generator, snr=None, signal_pow
 
 
 def mc_table(basis, layout, model, a, dist, ctfs, sizes, generator) -> list[dict]:
-    m1, m2 = model(a, dist.coeffs)
+    m1, m2, m3 = model.with_third(a, dist.coeffs)
     rows = []
     for n in sizes:
-        est = MomentEstimator(layout, len(ctfs))
+        est = MomentEstimator(layout, len(ctfs), third=True)
         t0 = time.perf_counter()
         coeffs = []
         for clean, _, groups in image_stream(basis, a, dist, ctfs, n, 10_000, generator):
@@ -85,7 +86,7 @@ def mc_table(basis, layout, model, a, dist, ctfs, sizes, generator) -> list[dict
                 coeffs.append((layout.expand(clean), groups))
         mom = est.result()
         row = {"N": n, "rel_err_M1": rel([mom.m1], [m1]), "rel_err_M2": rel(mom.m2, m2),
-               "seconds": time.perf_counter() - t0}
+               "rel_err_M3": rel(mom.m3, m3), "seconds": time.perf_counter() - t0}
         if coeffs:  # predicted Monte-Carlo standard error from the samples themselves
             c = torch.cat([x for x, _ in coeffs])
             g = torch.cat([y for _, y in coeffs])
@@ -103,7 +104,7 @@ def mc_table(basis, layout, model, a, dist, ctfs, sizes, generator) -> list[dict
             f = math.sqrt(rows[-1]["N"] / n)
             row["predicted_M1"], row["predicted_M2"] = rows[-1]["predicted_M1"] * f, rows[-1]["predicted_M2"] * f
         rows.append(row)
-        print(f"MC N={n}: M1 {row['rel_err_M1']:.2e} M2 {row['rel_err_M2']:.2e}"
+        print(f"MC N={n}: M1 {row['rel_err_M1']:.2e} M2 {row['rel_err_M2']:.2e} M3 {row['rel_err_M3']:.2e}"
               + (f" (predicted {row['predicted_M1']:.2e}, {row['predicted_M2']:.2e})" if "predicted_M1" in row else ""))
     return rows
 
@@ -113,7 +114,7 @@ def noisy_moments(basis, layout, a, dist, ctfs, sizes, snr, generator) -> tuple[
     from cryo_lightning.physics.noise import signal_power
     pilot = next(image_stream(basis, a, dist, ctfs, 2000, 2000, generator))[0]
     power = float(signal_power(pilot, dim=(-3,)))
-    est = MomentEstimator(layout, len(ctfs))
+    est = MomentEstimator(layout, len(ctfs), third=True)
     out, done = {}, 0
     sigma2 = power / snr
     for clean, noisy, groups in image_stream(basis, a, dist, ctfs, max(sizes), 10_000, generator, snr, power):
@@ -124,11 +125,11 @@ def noisy_moments(basis, layout, a, dist, ctfs, sizes, snr, generator) -> tuple[
     return out, sigma2
 
 
-def jacobian_null_dims(L, l_max, bandlimit, degree, steerable, seed=0) -> tuple[int, int]:
+def jacobian_null_dims(L, l_max, bandlimit, degree, steerable, seed=0, third=False) -> tuple[int, int]:
     g = torch.Generator().manual_seed(seed)
     basis = SphericalFourierBesselBasis(L, l_max=l_max, bandlimit=bandlimit)
     layout = MomentLayout(L, l_max)
-    model = MomentModel(basis, layout, degree)
+    model = MomentModel(basis, layout, degree, third=third)
     if steerable:
         # Continuous-disk steerability: component e^{-i m psi} only in block k = m, none at e^{+i m psi}.
         k = layout.angular_index
@@ -141,7 +142,12 @@ def jacobian_null_dims(L, l_max, bandlimit, degree, steerable, seed=0) -> tuple[
     na = a.numel()
 
     def residual(x: torch.Tensor) -> torch.Tensor:
-        m1, m2 = model(x[:na], torch.cat([x.new_ones(1), x[na:]]))
+        b = torch.cat([x.new_ones(1), x[na:]])
+        if third:
+            m1, m2, m3 = model.with_third(x[:na], b)
+            m2 = m2 + m3
+        else:
+            m1, m2 = model(x[:na], b)
         r = torch.cat([m1.flatten()] + [m.flatten() for m in m2])
         return torch.cat([r.real, r.imag])
 
@@ -153,14 +159,16 @@ def jacobian_null_dims(L, l_max, bandlimit, degree, steerable, seed=0) -> tuple[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--L", type=int, default=32)
-    p.add_argument("--l-max", type=int, default=8)
-    p.add_argument("--bandlimit", type=float, default=0.3)
+    p.add_argument("--l-max", type=int, default=4)
+    p.add_argument("--bandlimit", type=float, default=0.5)
     p.add_argument("--view-degree", type=int, default=4)
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--mc-sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     p.add_argument("--noisy-sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--starts", type=int, default=3)
-    p.add_argument("--iterations", type=int, nargs=2, default=[50, 400])
+    p.add_argument("--iterations", type=int, nargs=2, default=[50, 400], help="M1 and M1+M2 stages")
+    p.add_argument("--iterations-m3", type=int, nargs=3, default=[50, 200, 300],
+                   help="M1, M1+M2 and M1+M2+M3 stages (then the same again, whitened)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "moments")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -170,7 +178,7 @@ def main() -> None:
     basis = SphericalFourierBesselBasis(args.L, l_max=args.l_max, bandlimit=args.bandlimit)
     layout = MomentLayout(args.L, args.l_max, bandlimit=args.bandlimit)
     ctfs = ctfs_for(args.L)
-    model = MomentModel(basis, layout, args.view_degree, ctfs=ctfs)
+    model = MomentModel(basis, layout, args.view_degree, ctfs=ctfs, third=True)
     setup = time.perf_counter() - t0
     a = basis.expand(random_molecule(args.L, g, dtype=torch.float64))
     dist = SHViewingDistribution.random(args.view_degree, generator=g)
@@ -184,38 +192,45 @@ def main() -> None:
 
     snr = 0.1
     noisy, sigma2 = noisy_moments(basis, layout, a, dist, ctfs, args.noisy_sizes, snr, g)
-    m1, m2 = model(a, dist.coeffs)
+    m1, m2, m3 = model.with_third(a, dist.coeffs)
     results["debias"] = []
     for n, mom in sorted(noisy.items()):
         raw = [b + sigma2 * torch.eye(b.shape[-1], dtype=b.dtype) for b in mom.m2]
         row = {"N": n, "snr": snr, "rel_err_M1": rel([mom.m1], [m1]), "rel_err_M2_debiased": rel(mom.m2, m2),
-               "rel_err_M2_raw": rel(raw, m2)}
+               "rel_err_M2_raw": rel(raw, m2), "rel_err_M3_debiased": rel(mom.m3, m3)}
         results["debias"].append(row)
         print(f"debias N={n}: M2 debiased {row['rel_err_M2_debiased']:.3f} raw {row['rel_err_M2_raw']:.3f}")
 
     one = torch.ones(2, dtype=torch.float64)
-    exact = ImageMoments(m1.detach(), [x.detach() for x in m2], one, 0 * one)
+    exact = ImageMoments(m1.detach(), [x.detach() for x in m2], one, 0 * one, [x.detach() for x in m3])
     results["solver"] = []
-    for name, target in [("exact", exact)] + [(f"N={n}, SNR 1/10", mom) for n, mom in sorted(noisy.items())]:
-        res = fit_moments(model, target, n_starts=args.starts, iterations=tuple(args.iterations),
+    cases = [(name, target, terms) for name, target in
+             [("exact", exact)] + [(f"N={n}, SNR 1/10", mom) for n, mom in sorted(noisy.items())]
+             for terms in ("M1+M2", "M1+M2+M3, whitened")]
+    for name, target, terms in cases:
+        third = terms != "M1+M2"
+        res = fit_moments(model, target, n_starts=args.starts,
+                          iterations=tuple(args.iterations_m3 if third else args.iterations), whiten=third,
                           generator=torch.Generator().manual_seed(args.seed + 1))
         al = align_volumes(basis, a, res.coeffs)
         b_al = transform_viewing(res.view_coeffs, args.view_degree, al.rotation, al.reflected)
         fsc = aligned_fsc(basis, a, al.aligned)
-        row = {"moments": name, "loss": res.loss, "aligned_rel_err": al.relative_error,
+        row = {"moments": name, "terms": terms, "loss": res.loss, "aligned_rel_err": al.relative_error,
                "view_rel_err": float((b_al - dist.coeffs).norm() / dist.coeffs.norm()),
                "fsc_min_below_bandlimit": float(fsc[1 : int(args.bandlimit * args.L)].min()),
                "seconds": res.seconds, "evaluations": res.evaluations, "start_losses": res.losses}
         results["solver"].append(row)
-        print(f"solver {name}: loss {res.loss:.2e} aligned err {al.relative_error:.3f} "
+        print(f"solver {name} {terms}: loss {res.loss:.2e} aligned err {al.relative_error:.3f} "
               f"view err {row['view_rel_err']:.3f} time {res.seconds:.0f} s")
 
     results["identifiability"] = []
     for cfg in [(32, 1, 0.25, 2), (32, 2, 0.25, 2), (32, 2, 0.25, 4), (32, 3, 0.25, 4), (32, 4, 0.25, 4)]:
         for steerable in (True, False):
             null, n = jacobian_null_dims(*cfg, steerable=steerable)
+            null3, _ = jacobian_null_dims(*cfg, steerable=steerable, third=True)
             row = {"L": cfg[0], "l_max": cfg[1], "bandlimit": cfg[2], "view_degree": cfg[3],
-                   "model": "steerable" if steerable else "pixel grid", "unknowns": n, "null_dims": null}
+                   "model": "steerable" if steerable else "pixel grid", "unknowns": n, "null_dims": null,
+                   "null_dims_with_m3": null3}
             results["identifiability"].append(row)
             print(f"identifiability {row}")
     results["total_s"] = time.perf_counter() - t0
@@ -232,26 +247,31 @@ def markdown(r: dict) -> str:
              f"viewing degree {s['view_degree']}, {s['ctf_groups']} CTF groups, seed {s['seed']}; "
              f"{s['sfb_count']} volume / {s['image_count']} image coefficients)", "",
              "## Forward model vs Monte Carlo (clean images)", "",
-             "| N | rel. err. M1 | rel. err. M2 | predicted MC err. M1 | predicted MC err. M2 |", "|---|---|---|---|---|"]
+             "| N | rel. err. M1 | rel. err. M2 | rel. err. M3 slice | predicted MC err. M1 | predicted MC err. M2 |",
+             "|---|---|---|---|---|---|"]
     for row in r["monte_carlo"]:
-        lines.append(f"| {row['N']} | {row['rel_err_M1']:.2e} | {row['rel_err_M2']:.2e} | "
+        lines.append(f"| {row['N']} | {row['rel_err_M1']:.2e} | {row['rel_err_M2']:.2e} | {row['rel_err_M3']:.2e} | "
                      f"{row.get('predicted_M1', float('nan')):.2e} | {row.get('predicted_M2', float('nan')):.2e} |")
     lines += ["", "Predicted: the standard error of the sample means, estimated from the samples "
               "(for N > 10^4 extrapolated from 10^4 as 1/sqrt(N)).",
-              "", "## Noise debiasing, SNR 1/10", "", "| N | rel. err. M1 | M2 debiased | M2 raw |", "|---|---|---|---|"]
+              "", "## Noise debiasing, SNR 1/10", "", "| N | rel. err. M1 | M2 debiased | M2 raw | M3 slice debiased |",
+              "|---|---|---|---|---|"]
     for row in r["debias"]:
-        lines.append(f"| {row['N']} | {row['rel_err_M1']:.3f} | {row['rel_err_M2_debiased']:.3f} | {row['rel_err_M2_raw']:.3f} |")
+        lines.append(f"| {row['N']} | {row['rel_err_M1']:.3f} | {row['rel_err_M2_debiased']:.3f} | "
+                     f"{row['rel_err_M2_raw']:.3f} | {row['rel_err_M3_debiased']:.3f} |")
     lines += ["", "## Classical solver", "",
-              "| moments | final loss | aligned rel. err. (coefficients) | viewing rel. err. | min FSC below band limit | time (s) |",
-              "|---|---|---|---|---|---|"]
+              "| moments | terms | final loss | aligned rel. err. (coefficients) | viewing rel. err. | min FSC below band limit | time (s) |",
+              "|---|---|---|---|---|---|---|"]
     for row in r["solver"]:
-        lines.append(f"| {row['moments']} | {row['loss']:.2e} | {row['aligned_rel_err']:.3f} | {row['view_rel_err']:.3f} | "
+        lines.append(f"| {row['moments']} | {row['terms']} | {row['loss']:.2e} | {row['aligned_rel_err']:.3f} | {row['view_rel_err']:.3f} | "
                      f"{row['fsc_min_below_bandlimit']:.3f} | {row['seconds']:.0f} |")
-    lines += ["", "## Identifiability: null space of the Jacobian of (M1, M2) at the truth (3 = rotations only)", "",
-              "| L | l_max | band limit | viewing degree | model | unknowns | null dims |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Final loss: relative misfit of the terms used (whitened for the M3 rows).",
+              "", "## Identifiability: null space of the Jacobian at the truth (3 = rotations only)", "",
+              "| L | l_max | band limit | viewing degree | model | unknowns | null dims (M1, M2) | null dims (M1, M2, M3) |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in r["identifiability"]:
         lines.append(f"| {row['L']} | {row['l_max']} | {row['bandlimit']} | {row['view_degree']} | {row['model']} | "
-                     f"{row['unknowns']} | {row['null_dims']} |")
+                     f"{row['unknowns']} | {row['null_dims']} | {row['null_dims_with_m3']} |")
     lines += ["", f"Total time {r['total_s']:.0f} s on {s['threads']} threads."]
     return "\n".join(lines) + "\n"
 

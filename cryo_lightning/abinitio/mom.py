@@ -1,4 +1,4 @@
-"""Classical method-of-moments reconstruction: weighted non-convex least squares on ``(M1, M2)``.
+"""Classical method-of-moments reconstruction: weighted non-convex least squares on ``(M1, M2, M3)``.
 
 Unknowns: the volume's SFB coefficients ``a`` and the viewing distribution's even-degree
 coefficients ``b`` (``b_00 = 1`` fixed, so only ``b_lm, l >= 2`` are free). Loss (per CTF group
@@ -8,9 +8,13 @@ coefficients ``b`` (``b_00 = 1`` fixed, so only ``b_lm, l >= 2`` are free). Loss
             + sum_g w_g ||M2_g(a, b) - M2hat_g||^2 / ||M2hat||^2
             + mu * mean_j relu(-rho(u_j))^2                     (rho >= 0 on a sphere grid)
 
-with ``||M||^2 = sum_g w_g ||M_g||^2``. Stages (DESIGN section 4.5): ``M1`` alone, then ``M1 +
-M2``, each by L-BFGS (strong Wolfe line search) in float64, from several random starts; the
-start with the lowest final loss wins. The moments are invariant under a joint rotation of
+with ``||M||^2 = sum_g w_g ||M_g||^2``, plus optionally the same relative misfit of the
+third-moment slice ``M3_k[t] = E[c_0t c_k c_k^H]`` (:mod:`~cryo_lightning.abinitio.moments`).
+Stages (DESIGN section 4.5; the subspace method of moments marches the same way): ``M1`` alone,
+then ``M1 + M2``, then ``M1 + M2 + M3``, and optionally a last stage on whitened moments (every
+index scaled by ``1 / sqrt(E|c_i|^2)``, :func:`whitening_scales`, so that high radial
+frequencies count), each by L-BFGS (strong Wolfe line search) in float64, from several random
+starts; the start with the lowest final loss wins. The moments are invariant under a joint rotation of
 ``(a, b)`` and under the mirror ``(a, b) -> (reflect(a), reflect(b))``, so the answer is
 determined only up to O(3): compare with a reference through
 :func:`~cryo_lightning.abinitio.volume_alignment.align_volumes`.
@@ -23,8 +27,11 @@ Identifiability (measured, benchmarks/moments.py). For in-plane-uniform, even vi
 distributions the Jacobian of ``(M1, M2)`` at the truth has more null directions than the 3 of a
 global rotation (e.g. 8 for ``l_max = 1``: ``M2`` of the odd part is ``A G(b) A^T``, invariant
 under ``A -> A X``, ``G -> X^-1 G X^-T``), in the ideal steerable model and, to 1e-10, on the
-pixel grid. Fits therefore reach moment residuals near zero at volumes that differ from the
-truth by more than O(3); a prior or the third moment is needed to pin them down.
+pixel grid. More generally, in-plane-invariant ``M2`` has about ``(l_max + 1) S^2 / 2`` entries
+for ``S (l_max + 1)^2`` volume unknowns (``S`` radial functions), and even where the count
+suffices the Jacobian has dozens of singular values below 1e-8: fits reach moment residuals near
+zero at volumes far from the truth. The third-moment slice removes every null direction except
+the 3 rotations (benchmarks/moments.py); the remaining difficulty is non-convexity.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
 from cryo_lightning.physics.spherical_harmonics import sphere_quadrature
 from cryo_lightning.physics.viewing_sh import SHViewingDistribution
 
-__all__ = ["moment_loss", "MomResult", "fit_moments", "moments_reconstruct"]
+__all__ = ["moment_loss", "whitening_scales", "MomResult", "fit_moments", "moments_reconstruct"]
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
@@ -55,27 +62,72 @@ def moment_loss(
     target: ImageMoments,
     use_m2: bool = True,
     m2_weight: float = 1.0,
+    use_m3: bool = False,
+    m3_weight: float = 1.0,
+    scales: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Relative moment misfit ``L(a, b)`` of the module docstring, without the positivity term.
 
     Args:
-        model: forward model whose CTF groups match ``target``'s.
+        model: forward model whose CTF groups match ``target``'s (built with ``third=True``
+            for ``use_m3``).
         a: ``(count,)`` SFB coefficients.
         b: ``(b_count,)`` viewing coefficients, ``b_00`` included.
-        target: empirical (or exact) moments.
+        target: empirical (or exact) moments (with ``m3`` for ``use_m3``).
         use_m2: include the ``M2`` term.
         m2_weight: factor on the ``M2`` term.
+        use_m3: include the third-moment-slice term.
+        m3_weight: factor on it.
+        scales: per ``k``, ``(G, Q_k)`` factors applied to every index of every moment
+            (:func:`whitening_scales`); ``None``: no scaling.
     Returns:
         scalar, differentiable in ``a`` and ``b``.
     """
     w = target.weights.to(a.device, a.dtype)
-    m1, m2 = model(a, b)
-    loss = (w * _sq(m1 - target.m1)).sum() / (w * _sq(target.m1)).sum().clamp_min(1e-300)
+    if use_m3:
+        if target.m3 is None:
+            raise ValueError("use_m3 needs target moments with m3 (estimate them with third=True)")
+        m1, m2, m3 = model.with_third(a, b)
+    else:
+        m1, m2 = model(a, b)
+    t1, t2, t3 = target.m1, target.m2, target.m3
+    if scales is not None:
+        s0, s_all = scales[0], torch.cat(scales, dim=-1)
+        m1, t1 = m1 * s_all, t1 * s_all
+        m2 = [m * (s[:, :, None] * s[:, None, :]) for m, s in zip(m2, scales)]
+        t2 = [m * (s[:, :, None] * s[:, None, :]) for m, s in zip(t2, scales)]
+        if use_m3:
+            f = [s0[:, :, None, None] * s[:, None, :, None] * s[:, None, None, :] for s in scales]
+            m3 = [m * x for m, x in zip(m3, f)]
+            t3 = [m * x for m, x in zip(t3, f)]
+    loss = (w * _sq(m1 - t1)).sum() / (w * _sq(t1)).sum().clamp_min(1e-300)
+
+    def term(model_blocks, target_blocks):
+        num = sum((w * _sq(mk - tk)).sum() for mk, tk in zip(model_blocks, target_blocks))
+        den = sum((w * _sq(tk)).sum() for tk in target_blocks)
+        return num / den.clamp_min(1e-300)
+
     if use_m2:
-        num = sum((w * _sq(mk - tk)).sum() for mk, tk in zip(m2, target.m2))
-        den = sum((w * _sq(tk)).sum() for tk in target.m2)
-        loss = loss + m2_weight * num / den.clamp_min(1e-300)
+        loss = loss + m2_weight * term(m2, t2)
+    if use_m3:
+        loss = loss + m3_weight * term(m3, t3)
     return loss
+
+
+def whitening_scales(target: ImageMoments, floor: float = 1e-6) -> list[torch.Tensor]:
+    """Per-coefficient factors ``1 / sqrt(E|c_i|^2)`` that whiten the moments entry by entry.
+
+    ``E|c_i|^2`` is the diagonal of the (noise-inclusive) second moment, ``M2_ii + sigma^2``,
+    floored at ``floor`` times its maximum. Scaling every index of ``M1``, ``M2`` and ``M3`` by it
+    weighs high radial frequencies, whose moments are orders of magnitude smaller than the
+    low-frequency ones, like the rest (with noise, roughly by their inverse standard error).
+
+    Returns:
+        per ``k``, ``(G, Q_k)`` float64.
+    """
+    power = [torch.diagonal(m, dim1=-2, dim2=-1).real + target.noise_variance[:, None] for m in target.m2]
+    top = max(float(p.max()) for p in power)
+    return [p.clamp_min(floor * top).rsqrt() for p in power]
 
 
 @dataclass
@@ -121,13 +173,30 @@ def _lbfgs(params: list[torch.Tensor], closure, max_iter: int) -> int:
     return count[0]
 
 
+def _closure(model, a, b_rest, target, use_m2, use_m3, m2_weight, scales, rho_table, positivity_weight):
+    def closure() -> torch.Tensor:
+        if torch.is_grad_enabled():
+            a.grad, b_rest.grad = None, None
+        b = torch.cat([b_rest.new_ones(1), b_rest])
+        loss = moment_loss(model, a, b, target, use_m2=use_m2, m2_weight=m2_weight, use_m3=use_m3,
+                           scales=scales)
+        neg = torch.relu(-(rho_table @ b))
+        loss = loss + positivity_weight * (neg * neg).mean()
+        if loss.requires_grad:
+            loss.backward()
+        return loss
+
+    return closure
+
+
 def fit_moments(
     model: MomentModel,
     target: ImageMoments,
     n_starts: int = 4,
-    iterations: tuple[int, int] = (100, 500),
+    iterations: tuple[int, ...] = (100, 500),
     positivity_weight: float = 10.0,
     m2_weight: float = 1.0,
+    whiten: bool = False,
     generator: torch.Generator | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     verbose: bool = False,
@@ -138,9 +207,13 @@ def fit_moments(
         model: forward model (its CTF groups match the target's).
         target: moments (see :func:`~cryo_lightning.abinitio.moments.estimate_moments`).
         n_starts: random starts.
-        iterations: L-BFGS iterations of the ``M1`` stage and of the ``M1 + M2`` stage.
+        iterations: L-BFGS iterations of the ``M1`` stage, of the ``M1 + M2`` stage and
+            (optional third entry) of the ``M1 + M2 + M3`` stage, which needs ``target.m3`` and a
+            model built with ``third=True``.
         positivity_weight: ``mu``, weight of the penalty on negative ``rho``.
         m2_weight: factor on the ``M2`` term.
+        whiten: add a last stage that scales the moments entry by entry with
+            :func:`whitening_scales`.
         generator: seeds the starts (CPU).
         init: optional ``(a0, b0)`` used as the first start (``b0`` with ``b_00``).
         verbose: print the loss of every start.
@@ -150,6 +223,12 @@ def fit_moments(
     t0 = time.perf_counter()
     dev = model.device
     target = target.to(dev)
+    third = len(iterations) > 2 and iterations[2] > 0
+    scales = whitening_scales(target) if whiten else None
+    if whiten:  # a last, whitened stage with the same terms as the one before it
+        iterations = tuple(iterations) + (iterations[-1],)
+    if third and (target.m3 is None or not model.third):
+        raise ValueError("a third stage needs target.m3 (third=True when estimating) and MomentModel(third=True)")
     nodes, _ = sphere_quadrature(2 * model.view_degree + 8, device=dev)
     # rho at a grid for the positivity penalty; linear in b.
     eye = torch.eye(model.b_count, dtype=torch.float64)
@@ -182,22 +261,13 @@ def fit_moments(
         for stage, n_iter in enumerate(iterations):
             if n_iter <= 0:
                 continue
-            use_m2 = stage == 1
-
-            def closure() -> torch.Tensor:
-                if torch.is_grad_enabled():
-                    a.grad, b_rest.grad = None, None
-                b = full_b()
-                loss = moment_loss(model, a, b, target, use_m2=use_m2, m2_weight=m2_weight)
-                neg = torch.relu(-(rho_table @ b))
-                loss = loss + positivity_weight * (neg * neg).mean()
-                if loss.requires_grad:
-                    loss.backward()
-                return loss
-
+            use_m2, use_m3 = stage >= 1, stage >= 2 and third
+            stage_scales = scales if whiten and stage == len(iterations) - 1 else None
+            closure = _closure(model, a, b_rest, target, use_m2, use_m3, m2_weight, stage_scales, rho_table,
+                               positivity_weight)
             evaluations += _lbfgs([a, b_rest], closure, n_iter)
         with torch.no_grad():
-            final = float(moment_loss(model, a, full_b(), target, m2_weight=m2_weight))
+            final = float(moment_loss(model, a, full_b(), target, m2_weight=m2_weight, use_m3=third, scales=scales))
         losses.append(final)
         if verbose:
             print(f"start {start}: loss {final:.3e}")
@@ -217,7 +287,8 @@ def moments_reconstruct(
     bandlimit: float = 0.25,
     view_degree: int = 4,
     n_starts: int = 4,
-    iterations: tuple[int, int] = (100, 500),
+    iterations: tuple[int, ...] = (50, 200, 300),
+    whiten: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, SHViewingDistribution, torch.Tensor, MomResult]:
@@ -232,7 +303,8 @@ def moments_reconstruct(
         l_max: SFB degree of the volume.
         bandlimit: volume and image band limit, cycles/pixel.
         view_degree: ``2h`` of the viewing distribution.
-        n_starts, iterations, generator: as in :func:`fit_moments`.
+        n_starts, iterations, whiten, generator: as in :func:`fit_moments` (a third
+            ``iterations`` entry adds the third-moment stage).
         device: where to compute.
     Returns:
         ``(coeffs (count,), distribution, volume (L, L, L) float32, result)``; the map's
@@ -244,8 +316,10 @@ def moments_reconstruct(
     n_groups = 1 if ctfs is None else ctfs.shape[0]
     if n_groups > 1 and groups is None:
         raise ValueError("groups are required with more than one CTF")
-    target = estimate_moments(images, layout, groups=groups, noise_variance=noise_variance, n_groups=n_groups)
-    model = MomentModel(basis, layout, view_degree, ctfs=ctfs)
-    result = fit_moments(model, target, n_starts=n_starts, iterations=iterations, generator=generator)
+    third = len(iterations) > 2 and iterations[2] > 0
+    target = estimate_moments(images, layout, groups=groups, noise_variance=noise_variance, n_groups=n_groups,
+                              third=third)
+    model = MomentModel(basis, layout, view_degree, ctfs=ctfs, third=third)
+    result = fit_moments(model, target, n_starts=n_starts, iterations=iterations, whiten=whiten, generator=generator)
     volume = basis.evaluate(result.coeffs).to(torch.float32)
     return result.coeffs, result.distribution, volume, result

@@ -43,6 +43,12 @@ so it is a combination of ``D^J(A)[0, :]``, i.e. of spherical harmonics of ``v``
 
     M1 = sum_j (w_j / 4 pi) rho(v_j) E_psi[c](v_j),     M2_k = sum_j (w_j / 4 pi) rho(v_j) E_psi[c_k c_k^H](v_j).
 
+Third-moment slice (optional, :class:`~cryo_lightning.abinitio.moments.MomentLayout` block
+``k = 0`` times ``c_k c_k^H``): ``E_psi[c_0t c c^H] = sum_{m1 + m2 = m3} z_{m1,0t} z_{m2} z_{m3}^H``.
+Only ``m1 = 0 mod 4`` can reach block ``k = 0`` (the grid aliases modulo 4), so the sum runs over
+those. Its integrand has degree ``<= 3 l_max`` in ``v``, so the quadrature degree becomes
+``3 l_max + 2h`` when the model is built with ``third=True``.
+
 CTF groups: one ``P_H`` per group; moments are returned per group (``(G, ...)``), to be compared
 with :class:`~cryo_lightning.abinitio.moments.ImageMoments` of the same groups. ``rho`` is
 linear in ``b`` (viewing-distribution coefficients of
@@ -108,6 +114,8 @@ class MomentModel:
             representatives of :func:`~cryo_lightning.abinitio.moments.group_by_defocus`);
             ``None`` for one group without CTF.
         device: where the tables live (default: the layout's device).
+        third: also model the third-moment slice (:meth:`with_third`); raises the quadrature
+            degree to ``3 l_max + 2h``.
 
     Attributes:
         n_groups: ``G``.
@@ -122,6 +130,7 @@ class MomentModel:
         view_degree: int,
         ctfs: torch.Tensor | None = None,
         device: torch.device | str | None = None,
+        third: bool = False,
     ) -> None:
         if volume_basis.L != layout.L:
             raise ValueError(f"volume basis L={volume_basis.L} != image layout L={layout.L}")
@@ -131,7 +140,8 @@ class MomentModel:
         self.b_count = even_sh_count(self.view_degree)
         dev = self.device
 
-        nodes, weights = sphere_quadrature(2 * self.l_max + self.view_degree, device=dev)
+        self.third = bool(third)
+        nodes, weights = sphere_quadrature((3 if self.third else 2) * self.l_max + self.view_degree, device=dev)
         self.nodes, self.weights = nodes, weights / (4 * math.pi)
         poses = directions_to_rotations(nodes, psi=torch.zeros(nodes.shape[0], dtype=torch.float64, device=dev))
         self._wigner = [d.to(dev) for d in wigner_d(self.l_max, poses)]  # per l: (V, 2l+1, 2l+1)
@@ -162,6 +172,14 @@ class MomentModel:
             self._idx_pm.append((ip, im))
             self._U.append(0.5 * (P[:, :, ip] - 1j * P[:, :, im]))
             self._W.append(0.5 * (P[:, :, ip] + 1j * P[:, :, im]))
+        # in-plane frequency of each component of in_plane_components: 0, +1, -1, +2, -2, ...
+        freqs = [0] + [f for m in range(1, self.l_max + 1) for f in (m, -m)]
+        pos = {f: i for i, f in enumerate(freqs)}
+        self._triples: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (m1, m2 slots, m1 + m2 slots)
+        for m1 in range(-(self.l_max // 4) * 4, self.l_max + 1, 4):
+            pairs = [(pos[f], pos[f + m1]) for f in freqs if f + m1 in pos]
+            self._triples.append((pos[m1], torch.tensor([p for p, _ in pairs], device=dev),
+                                  torch.tensor([q for _, q in pairs], device=dev)))
 
     # ----------------------------------------------------------------------------- tables
     def _identity_projection(self, ctfs: torch.Tensor) -> torch.Tensor:
@@ -217,14 +235,39 @@ class MomentModel:
             ``m1 (G, n_img)`` and, per ``k``, ``m2_k (G, Q_k, Q_k)``, complex, per CTF group; the
             same representation as :class:`~cryo_lightning.abinitio.moments.ImageMoments`.
         """
+        m1, m2, _ = self._moments(a, b, third=False)
+        return m1, m2
+
+    def with_third(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """``M1``, ``M2`` and the third-moment slice (model built with ``third=True``).
+
+        Returns:
+            ``m1``, ``m2`` as :meth:`__call__`, and per ``k`` ``m3_k (G, Q_0, Q_k, Q_k)``
+            complex, ``m3_k[g, t] = E[c_0t c_k c_k^H]`` (the layout of
+            :class:`~cryo_lightning.abinitio.moments.ImageMoments`).
+        """
+        if not self.third:
+            raise ValueError("this MomentModel was built without third=True (its quadrature is not exact for M3)")
+        return self._moments(a, b, third=True)
+
+    def _moments(self, a: torch.Tensor, b: torch.Tensor, third: bool):
         z = self.in_plane_components(a)  # (G, V, M, n)
         wr = (self.weights.to(a.dtype) * self.viewing_density(b.to(a.dtype))).to(z.dtype)  # (V,)
         m1 = torch.einsum("v,gvq->gq", wr, z[:, :, 0])
-        m2 = [
-            torch.einsum("v,gvmq,gvmr->gqr", wr, zk, zk.conj())
-            for zk in torch.split(z, self.layout.block_sizes, dim=-1)
-        ]
-        return m1, m2
+        blocks = torch.split(z, self.layout.block_sizes, dim=-1)
+        m2 = [torch.einsum("v,gvmq,gvmr->gqr", wr, zk, zk.conj()) for zk in blocks]
+        if not third:
+            return m1, m2, None
+        q0 = self.layout.block_sizes[0]
+        m3 = []
+        for zk in blocks:
+            out = 0
+            for slot, i2, i3 in self._triples:
+                alpha = wr[None, :, None] * z[:, :, slot, :q0]  # (G, V, Q0)
+                integrand = torch.einsum("gvmq,gvmr->gvqr", zk[:, :, i2], zk[:, :, i3].conj()).flatten(2)
+                out = out + torch.einsum("gvt,gvx->gtx", alpha, integrand)
+            m3.append(out.view(z.shape[0], q0, zk.shape[-1], zk.shape[-1]))
+        return m1, m2, m3
 
     def project_coefficients(self, a: torch.Tensor, rotations: torch.Tensor, group: int = 0) -> torch.Tensor:
         """Image coefficients ``c(A) = P_H rotate(a, A)`` at given RELION poses.

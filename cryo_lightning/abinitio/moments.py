@@ -12,6 +12,18 @@ the compressed representation kept here is::
                                         can be compared entry by entry)
     M2_k   = E[c_k c_k^H] - sigma^2 I  (one Hermitian Q_k x Q_k block per k)
 
+and, optionally, the slice of the third moment with one index in the rotation-invariant block
+``k = 0`` (``Q_0`` radial coefficients ``c_0t``)::
+
+    M3_k[t] = E[c_0t c_k c_k^H] - sigma^2 (m_0t I + [k = 0] (e_t m_0^T + m_0 e_t^T))
+
+(``m = E[c]``; ``c_0`` is real for real images, the noise's odd moments vanish and its ``k = 0``
+block is real with covariance ``sigma^2 I``, which gives the three bias terms). A rotation
+multiplies block ``k`` by ``exp(-i k alpha)`` and leaves ``c_0`` alone, so this slice is
+in-plane invariant like ``M2`` and costs ``Q_0`` times its memory. ``M1`` and ``M2`` of in-plane
+uniform projections leave many directions of the volume nearly undetermined (measured in
+benchmarks/moments.py); this slice pins them down.
+
 per CTF group. The noise term is exactly ``sigma^2 I`` in every block: noise is white in pixels
 (added after the CTF), and the radial functions of each ``k`` are orthonormal on the pixel grid,
 so ``E[n_k n_k^H] = sigma^2 Phi_k^H Phi_k = sigma^2 I`` (``H H^T`` of the noise model ``I = H P
@@ -110,12 +122,15 @@ class ImageMoments:
         m2: per ``k``, ``(G, Q_k, Q_k)`` complex128 Hermitian, debiased second moment.
         counts: ``(G,)`` float64, images per group.
         noise_variance: ``(G,)`` float64, the mean ``sigma^2`` subtracted (0 if not debiased).
+        m3: per ``k``, ``(G, Q_0, Q_k, Q_k)`` complex128, the debiased third-moment slice
+            ``M3_k[t]`` (``None`` if not estimated).
     """
 
     m1: torch.Tensor
     m2: list[torch.Tensor]
     counts: torch.Tensor
     noise_variance: torch.Tensor
+    m3: list[torch.Tensor] | None = None
 
     @property
     def weights(self) -> torch.Tensor:
@@ -124,11 +139,13 @@ class ImageMoments:
 
     def to(self, device: torch.device | str) -> ImageMoments:
         return ImageMoments(self.m1.to(device), [b.to(device) for b in self.m2], self.counts.to(device),
-                            self.noise_variance.to(device))
+                            self.noise_variance.to(device),
+                            None if self.m3 is None else [b.to(device) for b in self.m3])
 
 
 class MomentEstimator:
-    """Streaming estimator of :class:`ImageMoments`; memory ``O(G sum_k Q_k^2)``, independent of ``N``.
+    """Streaming estimator of :class:`ImageMoments`; memory ``O(G sum_k Q_k^2)`` (times ``Q_0``
+    with the third moment), independent of ``N``.
 
     Example::
 
@@ -140,13 +157,16 @@ class MomentEstimator:
     Args:
         layout: the image basis.
         n_groups: number of CTF groups ``G``.
+        third: also accumulate the third-moment slice ``M3_k[t]``.
     """
 
-    def __init__(self, layout: MomentLayout, n_groups: int = 1) -> None:
-        self.layout, self.n_groups = layout, int(n_groups)
+    def __init__(self, layout: MomentLayout, n_groups: int = 1, third: bool = False) -> None:
+        self.layout, self.n_groups, self.third = layout, int(n_groups), bool(third)
         dev, G = layout.device, self.n_groups
         self._s1 = torch.zeros(G, layout.count, dtype=torch.complex128, device=dev)
         self._s2 = [torch.zeros(G, q, q, dtype=torch.complex128, device=dev) for q in layout.block_sizes]
+        q0 = layout.block_sizes[0]
+        self._s3 = [torch.zeros(G, q0, q, q, dtype=torch.complex128, device=dev) for q in layout.block_sizes] if third else None
         self._n = torch.zeros(G, dtype=torch.float64, device=dev)
         self._noise = torch.zeros(G, dtype=torch.float64, device=dev)
 
@@ -176,6 +196,11 @@ class MomentEstimator:
         for s2, ck in zip(self._s2, self.layout.split(c)):
             # sum over images of c c^H, per group: (G, n) x (n, Q) x (n, Q)
             s2 += torch.einsum("ng,nq,nr->gqr", onehot.to(c.dtype), ck, ck.conj())
+        if self._s3 is not None:
+            weighted = onehot.to(c.dtype)[:, :, None] * c[:, None, : self.layout.block_sizes[0]]  # (n, G, Q0)
+            for s3, ck in zip(self._s3, self.layout.split(c)):
+                outer = (ck[:, :, None] * ck[:, None, :].conj()).flatten(1)  # (n, Q*Q)
+                s3 += torch.einsum("ngt,nx->gtx", weighted, outer).view(s3.shape)
         if noise_variance is not None:
             s = torch.as_tensor(noise_variance, dtype=torch.float64, device=dev).expand(n)
             self._noise += onehot.T @ s
@@ -200,7 +225,18 @@ class MomentEstimator:
         for s2 in self._s2:
             eye = torch.eye(s2.shape[-1], dtype=s2.dtype, device=s2.device)
             m2.append(s2 / n[:, None, None] - sigma2[:, None, None] * eye)
-        return ImageMoments(m1, m2, n.clone(), sigma2)
+        m3 = None
+        if self._s3 is not None:
+            m3 = []
+            m0 = self.layout.split(m1)[0]  # (G, Q0)
+            for k, s3 in enumerate(self._s3):
+                eye = torch.eye(s3.shape[-1], dtype=s3.dtype, device=s3.device)
+                bias = m0[:, :, None, None] * eye  # (G, Q0, Q, Q)
+                if k == 0:
+                    e = torch.eye(m0.shape[-1], dtype=s3.dtype, device=s3.device)  # e[t, i] = delta_ti
+                    bias = bias + e[None, :, :, None] * m0[:, None, None, :] + m0[:, None, :, None] * e[None, :, None, :]
+                m3.append(s3 / n[:, None, None, None] - sigma2[:, None, None, None] * bias)
+        return ImageMoments(m1, m2, n.clone(), sigma2, m3)
 
 
 def estimate_moments(
@@ -210,6 +246,7 @@ def estimate_moments(
     noise_variance: float | torch.Tensor | None = None,
     n_groups: int = 1,
     batch_size: int = 2048,
+    third: bool = False,
 ) -> ImageMoments:
     """Moments of a stack of images (streamed in batches), noise-debiased.
 
@@ -222,10 +259,11 @@ def estimate_moments(
         noise_variance: ``sigma^2``, scalar or ``(N,)``.
         n_groups: ``G`` (default ``groups.max() + 1``).
         batch_size: images per batch.
+        third: also estimate the third-moment slice.
     """
     if groups is not None:
         n_groups = max(n_groups, int(groups.max()) + 1)
-    est = MomentEstimator(layout, n_groups)
+    est = MomentEstimator(layout, n_groups, third=third)
     if isinstance(images, torch.Tensor):
         per_image = isinstance(noise_variance, torch.Tensor) and noise_variance.ndim > 0
         for s in range(0, images.shape[0], batch_size):

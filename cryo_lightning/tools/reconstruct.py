@@ -1,8 +1,9 @@
-"""``cryol reconstruct``: an ab initio 3D map from particles by common lines and least squares.
+"""``cryol reconstruct``: an ab initio 3D map from particles by common lines or by the method of moments.
 
 Example::
 
     cryol reconstruct --star particles.star --method common-lines --out map.mrc --class-average
+    cryol reconstruct --star particles.star --method moments --box 32 --out map.mrc
 
 reads a RELION STAR, a cryoSPARC .cs or a plain .mrcs stack, downsamples and normalises the
 particles (``--box``), optionally denoises them with a trained model (``--denoiser``) and/or
@@ -11,6 +12,13 @@ estimates the poses by synchronization voting, and reconstructs by conjugate gra
 each image's CTF. Writes ``map.mrc`` (with its pixel size), the two half maps, ``map.star`` (the
 particles used, original ``rlnImageName``, estimated ``rlnAngleRot/Tilt/Psi``), ``map_fsc.png``
 and ``map_fsc.json`` (FSC between half maps, and against ``--reference`` when given).
+
+``--method moments`` needs no per-particle pose: it estimates the CTF-grouped, noise-debiased
+image moments (M1, M2 and the third-moment slice; noise variance from each particle's
+background) and fits a spherical Fourier-Bessel volume and a viewing distribution to them
+(abinitio/mom.py). Half maps are fitted separately and aligned onto the full map over O(3)
+before their FSC; no STAR is written (there are no poses), and the fitted viewing distribution
+goes into the JSON report.
 
 The map's orientation is arbitrary and its hand is undetermined (docs/conventions.md §15).
 With ``--reference`` the input STAR must carry angles (e.g. from ``cryol simulate``): the
@@ -48,9 +56,9 @@ from cryo_lightning.physics.projection import translate_spectrum
 from cryo_lightning.physics.rotations import euler_to_matrix, matrix_to_euler, register_rotations
 from cryo_lightning.tools.common import add_flag, open_particle_input, parse_assume, pick_device, prepare_outputs, tool_parser
 
-__all__ = ["ReconstructionReport", "reconstruct_particles", "main"]
+__all__ = ["ReconstructionReport", "MomentOptions", "reconstruct_particles", "main"]
 
-METHODS = ("common-lines",)
+METHODS = ("common-lines", "moments")
 
 
 @dataclass
@@ -69,6 +77,10 @@ class ReconstructionReport:
     reflected: bool | None = None
     fsc_half: list[float] = field(default_factory=list)
     fsc_reference: list[float] = field(default_factory=list)
+    method: str = "common-lines"
+    moment_loss: float | None = None  # --method moments: final relative moment misfit
+    aligned_relative_error: float | None = None  # --method moments with --reference (SFB coefficients, best scale)
+    viewing_coefficients: list[float] = field(default_factory=list)  # --method moments
 
 
 def _load(source: ParticleSource, rows: np.ndarray, processor: Preprocessor, dev: torch.device,
@@ -148,11 +160,13 @@ def reconstruct_particles(
     set_size: int = 64, reference: str | None = None, n_angles: int = 360, max_radius: float = 0.4,
     lam: float = 1e-2, iterations: int = 30, datadir: str | None = None, pixel_size: float | None = None,
     assume: dict[str, float] | None = None, device: str = "auto", overwrite: bool = False, seed: int = 0,
+    moments: MomentOptions | None = None,
 ) -> ReconstructionReport:
     """Run the whole ``cryol reconstruct`` pipeline (see the module docstring); returns the report."""
     if method not in METHODS:
-        raise InputError(f"--method must be one of {', '.join(METHODS)} (got {method!r}); "
-                         "the moment-based methods come with their own issue")
+        raise InputError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
+    if method == "moments" and class_average:
+        raise InputError("--class-average does not apply to --method moments (moments use every particle)")
     dev = pick_device(device)
     out_map = Path(out)
     if out_map.suffix.lower() not in (".mrc", ".map"):
@@ -162,6 +176,8 @@ def reconstruct_particles(
              "half2": Path(f"{stem}_half2.mrc"), "png": Path(f"{stem}_fsc.png"), "json": Path(f"{stem}_fsc.json")}
     if class_average:
         paths["classes"] = Path(f"{stem}_classes.mrcs")
+    if method == "moments":
+        del paths["star"]
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,6 +198,14 @@ def reconstruct_particles(
             t = time.perf_counter()
             images = _denoise(denoiser, images, ctf, set_size, seed)
             timings["denoise"] = time.perf_counter() - t
+
+        if method == "moments":
+            report = _reconstruct_moments(images, ctf if has_ctf else None, source, rows, pixel, paths, reference,
+                                          moments or MomentOptions(), seed, overwrite)
+            report.seconds = {**{k: round(v, 2) for k, v in timings.items()}, **report.seconds}
+            with atomic_path(paths["json"], overwrite=True) as tmp_json:
+                Path(tmp_json).write_text(json.dumps(report.__dict__, indent=1))
+            return report
 
         centres = torch.arange(len(rows), device=dev)
         if class_average:
@@ -241,6 +265,89 @@ def reconstruct_particles(
     return report
 
 
+@dataclass
+class MomentOptions:
+    """Settings of ``--method moments`` (see :func:`~cryo_lightning.abinitio.mom.moments_reconstruct`)."""
+
+    l_max: int = 6
+    bandlimit: float = 0.3
+    view_degree: int = 4
+    ctf_groups: int = 4
+    starts: int = 3
+    iterations: tuple[int, ...] = (50, 200, 300)
+
+
+def _defocus_groups(source: ParticleSource, rows: np.ndarray, ctf: torch.Tensor, n_groups: int):
+    """Equal-count defocus bins and, per bin, the mean effective CTF as its representative."""
+    df = source.table.particles.iloc[rows]
+    defocus = torch.tensor(0.5 * (df["defocus_u_A"].to_numpy() + df["defocus_v_A"].to_numpy()), dtype=torch.float64)
+    n_groups = max(1, min(n_groups, len(rows)))
+    groups = torch.empty(len(rows), dtype=torch.int64)
+    groups[torch.argsort(defocus)] = torch.arange(len(rows)) * n_groups // len(rows)
+    reps = torch.stack([ctf.cpu().double()[groups == g].mean(0) for g in range(n_groups)])
+    return groups, reps
+
+
+def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source: ParticleSource, rows: np.ndarray,
+                         pixel: float, paths: dict[str, Path], reference: str | None, opts: MomentOptions,
+                         seed: int, overwrite: bool) -> ReconstructionReport:
+    """``--method moments``: full and half-set moment fits, O(3)-aligned half maps, optional reference."""
+    from cryo_lightning.abinitio.mom import moments_reconstruct
+    from cryo_lightning.abinitio.volume_alignment import align_volumes
+    from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
+    from cryo_lightning.physics.noise import estimate_noise_variance
+
+    t = time.perf_counter()
+    L = images.shape[-1]
+    x = images.detach().cpu().double()
+    sigma2 = estimate_noise_variance(x)
+    groups, reps = (None, None) if ctf is None else _defocus_groups(source, rows, ctf, opts.ctf_groups)
+    subsets = torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(x)) % 2)
+    fits = []
+    for k, sel in enumerate([torch.ones(len(x), dtype=torch.bool), subsets == 0, subsets == 1]):
+        print(f"cryol reconstruct: moment fit {['full set', 'half 1', 'half 2'][k]} ({int(sel.sum())} images)",
+              file=sys.stderr)
+        sub_groups = None if groups is None else groups[sel]
+        fits.append(moments_reconstruct(
+            x[sel], sigma2[sel], ctfs=reps, groups=sub_groups, l_max=opts.l_max, bandlimit=opts.bandlimit,
+            view_degree=opts.view_degree, n_starts=opts.starts, iterations=opts.iterations,
+            generator=torch.Generator().manual_seed(seed + k)))
+    basis = SphericalFourierBesselBasis(L, l_max=opts.l_max, bandlimit=opts.bandlimit)
+    coeffs, dist, _, result = fits[0]
+    report = ReconstructionReport(str(paths["map"]), "", len(x), L, pixel, method="moments",
+                                  moment_loss=result.loss, viewing_coefficients=dist.coeffs.tolist())
+    curves = {}
+    if reference:
+        ref = require_cubic(read_map(reference))
+        ref_volume = torch.as_tensor(ref.data, dtype=torch.float64)
+        if ref_volume.shape[-1] != L:
+            ref_volume = fourier_resize(ref_volume, L, 3)
+        ref_coeffs = basis.expand(ref_volume)
+        al = align_volumes(basis, ref_coeffs, coeffs)
+        coeffs = al.aligned
+        # the map's scale is that of the normalised particles: compare after the best scalar factor
+        scale = float(ref_coeffs @ coeffs) / max(float(coeffs @ coeffs), 1e-300)
+        report.aligned_relative_error = float((ref_coeffs - scale * coeffs).norm() / ref_coeffs.norm())
+        report.reflected = al.reflected
+    volume = basis.evaluate(coeffs).float()
+    halves = [basis.evaluate(align_volumes(basis, coeffs, h[0]).aligned).float() for h in fits[1:]]
+    fsc_half = fourier_shell_correlation(halves[0], halves[1], 3)
+    report.fsc_half = fsc_half.tolist()
+    report.half_map_resolution_A = resolution_at(fsc_half, 0.143, L, pixel)
+    curves["half maps (O(3)-aligned)"] = report.fsc_half
+    if reference:
+        fsc_ref = fourier_shell_correlation(volume, ref_volume.float(), 3)
+        report.fsc_reference = fsc_ref.tolist()
+        report.reference_resolution_A = resolution_at(fsc_ref, 0.5, L, pixel)
+        curves["map vs reference"] = report.fsc_reference
+    write_map(paths["map"], volume, pixel, overwrite=overwrite)
+    for k, half in enumerate(halves, 1):
+        write_map(paths[f"half{k}"], half, pixel, overwrite=overwrite)
+    _fsc_plot(paths["png"], curves, L, pixel)
+    report.seconds = {"moments": round(time.perf_counter() - t, 2)}
+    return report
+
+
 def _write_star(source: ParticleSource, rows: np.ndarray, rotations: torch.Tensor, path: Path, overwrite: bool) -> None:
     """The particles used, with their original image names and the estimated Euler angles."""
     table = source.table.subset(rows)
@@ -272,14 +379,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lam", type=float, default=1e-2, help="Tikhonov weight of the least-squares reconstruction")
     p.add_argument("--iterations", type=int, default=30, help="conjugate-gradient iterations")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the half-map split")
+    p.add_argument("--l-max", type=int, default=6, help="moments: SFB degree of the map")
+    p.add_argument("--bandlimit", type=float, default=0.3, help="moments: band limit, cycles/pixel")
+    p.add_argument("--view-degree", type=int, default=4, help="moments: even degree of the viewing distribution")
+    p.add_argument("--ctf-groups", type=int, default=4, help="moments: defocus groups")
+    p.add_argument("--starts", type=int, default=3, help="moments: random starts of the fit")
+    p.add_argument("--fit-iterations", type=int, nargs="+", default=[50, 200, 300],
+                   help="moments: L-BFGS iterations of the M1, M1+M2 and M1+M2+M3 stages")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     report = reconstruct_particles(
         args.star, args.out, args.method, args.box, args.max_images, args.class_average, args.n_classes,
         args.n_neighbors, args.denoiser, args.set_size, args.reference, args.n_angles, args.max_radius, args.lam,
         args.iterations, args.datadir, args.pixel_size, parse_assume(args.assume), args.device, args.overwrite,
-        args.seed)
+        args.seed, MomentOptions(args.l_max, args.bandlimit, args.view_degree, args.ctf_groups, args.starts,
+                                 tuple(args.fit_iterations)))
     print(f"Wrote {report.map} ({report.n_images} images, box {report.box}, {report.pixel_size:.3f} A/px), "
-          f"{report.star} and the FSC plot")
+          f"{report.star or 'the half maps'} and the FSC plot")
+    if report.moment_loss is not None:
+        print(f"Moment misfit {report.moment_loss:.3e}"
+              + (f"; aligned relative error vs reference {report.aligned_relative_error:.3f}"
+                 if report.aligned_relative_error is not None else ""))
     print(f"Half-map resolution (FSC 0.143): {report.half_map_resolution_A:.1f} A")
     if report.rotation_error_deg is not None:
         print(f"Mean rotation error vs the STAR's angles: {report.rotation_error_deg:.2f} deg "

@@ -19,11 +19,11 @@ from cryo_lightning.physics.viewing_sh import SHViewingDistribution
 from cryo_lightning.physics.volumes import random_molecule
 
 
-def _problem(L: int, l_max: int, degree: int, seed: int = 0, ctfs: torch.Tensor | None = None):
+def _problem(L: int, l_max: int, degree: int, seed: int = 0, ctfs: torch.Tensor | None = None, third: bool = False):
     g = torch.Generator().manual_seed(seed)
     basis = SphericalFourierBesselBasis(L, l_max=l_max)
     layout = MomentLayout(L, l_max)
-    model = MomentModel(basis, layout, degree, ctfs=ctfs)
+    model = MomentModel(basis, layout, degree, ctfs=ctfs, third=third)
     a = basis.expand(random_molecule(L, g, dtype=torch.float64))
     dist = SHViewingDistribution.random(degree, generator=g)
     return basis, layout, model, a, dist, g
@@ -65,6 +65,33 @@ def test_moments_equal_brute_force_so3_quadrature():
         for ck, mk in zip(layout.split(c), m2):
             ref2 = torch.einsum("n,nq,nr->qr", w.to(ck.dtype), ck, ck.conj())
             assert float((ref2 - mk[group]).abs().max() / mk[group].abs().max()) < 1e-12
+
+
+def test_third_moment_slice_equals_brute_force_so3_quadrature():
+    """E[c_0t c_k c_k^H] by the m-decomposition (aliased m1 = 0 mod 4 included) == explicit in-plane angles."""
+    l_max, degree = 5, 2
+    basis, layout, model, a, dist, _ = _problem(16, l_max, degree, ctfs=_two_ctfs(16), third=True)
+    m1, m2, m3 = model.with_third(a, dist.coeffs)
+    ref1, ref2 = model(a, dist.coeffs)
+    assert torch.allclose(m1, ref1) and all(torch.allclose(x, y) for x, y in zip(m2, ref2))
+    nodes, weights = sphere_quadrature(3 * l_max + degree)
+    n_psi = 6 * l_max + 1  # exact for in-plane trigonometric degree 3 l_max
+    psi = torch.arange(n_psi, dtype=torch.float64) * (360.0 / n_psi)
+    rot = directions_to_rotations(nodes[:, None, :].expand(-1, n_psi, -1), psi=psi.expand(nodes.shape[0], -1))
+    w = (weights / (4 * math.pi) * dist.density(nodes))[:, None].expand(-1, n_psi).reshape(-1) / n_psi
+    q0 = layout.block_sizes[0]
+    for group in range(2):
+        c = model.project_coefficients(a, rot.reshape(-1, 3, 3), group)
+        for ck, mk in zip(layout.split(c), m3):
+            ref = torch.einsum("n,nt,nq,nr->tqr", w.to(ck.dtype), c[:, :q0], ck, ck.conj())
+            assert float((ref - mk[group]).abs().max() / ref.abs().max()) < 1e-12
+    # without the aliased terms the slice would be off well above round-off at L = 16
+    slot0 = [t for t in model._triples if t[0] == 0]
+    model._triples, full = slot0, m3
+    _, _, plain = model.with_third(a, dist.coeffs)
+    assert max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(plain, full)) > 1e-6
+    with pytest.raises(ValueError, match="third=True"):
+        MomentModel(basis, layout, degree).with_third(a, dist.coeffs)
 
 
 def test_quadrature_is_exact():

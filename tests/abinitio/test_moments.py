@@ -111,3 +111,43 @@ def test_group_by_defocus():
         assert float(rep.defocus_v[k]) == float(rep.defocus_u[k])
     assert bool((rep.defocus_u[1:] > rep.defocus_u[:-1]).all())
     assert float(mean_defocus[groups == 0].max()) <= float(mean_defocus[groups == 1].min())
+
+
+def test_third_moment_slice_debiasing_removes_every_noise_term():
+    """A fixed image plus white noise: the debiased slice equals the clean c_0t c_k c_k^H (all three bias terms)."""
+    g = torch.Generator().manual_seed(4)
+    L, n, sigma2 = 16, 40_000, 1.0
+    layout = MomentLayout(L, 3)
+    y, x = torch.meshgrid(torch.arange(L) - L / 2, torch.arange(L) - L / 2, indexing="ij")
+    image = (1.0 * torch.exp(-(x**2 + y**2) / 8.0) + 0.5 * torch.exp(-((x - 3) ** 2 + (y + 1) ** 2) / 4.0)).double()
+    noisy = image + torch.randn(n, L, L, generator=g, dtype=torch.float64) * sigma2**0.5
+    m = estimate_moments(noisy, layout, noise_variance=sigma2, third=True)
+    raw = estimate_moments(noisy, layout, third=True)
+    c = layout.expand(image[None])[0]
+    q0 = layout.block_sizes[0]
+    for k, (ck, block, raw_block) in enumerate(zip(layout.split(c), m.m3, raw.m3)):
+        clean = torch.einsum("t,q,r->tqr", c[:q0], ck, ck.conj())
+        error = float((block[0] - clean).norm())
+        bias = float((raw_block[0] - clean).norm())  # sigma^2 (m_t I + ...): many standard errors
+        assert error < 0.1 * bias, (k, error, bias)
+
+
+def test_debiased_third_moment_converges_at_snr_one_half():
+    """Projections of a molecule at SNR 1/2: the debiased slice approaches the clean one as N grows."""
+    g = torch.Generator().manual_seed(5)
+    L, l_max = 16, 3
+    basis = SphericalFourierBesselBasis(L, l_max=l_max)
+    layout = MomentLayout(L, l_max)
+    a = basis.expand(random_molecule(L, g, dtype=torch.float64))
+    unit = slice_images(basis, torch.eye(basis.layout.count, dtype=torch.float64),
+                        torch.eye(3, dtype=torch.float64)[None])[:, 0]
+    rotated = basis.rotate(a, SHViewingDistribution.random(4, generator=g).sample(32_000, generator=g, dtype=torch.float64))
+    clean = torch.einsum("nc,cyx->nyx", rotated, unit)
+    noisy, sigma2 = add_white_noise(clean, 0.5, generator=g, dim=(-3,))
+    errors = []
+    for n in (2_000, 32_000):
+        errors.append(_relative(estimate_moments(noisy[:n], layout, noise_variance=float(sigma2), third=True).m3,
+                                estimate_moments(clean[:n], layout, third=True).m3))
+    raw = _relative(estimate_moments(noisy, layout, third=True).m3, estimate_moments(clean, layout, third=True).m3)
+    assert errors[1] < errors[0] / 2.5  # ~ 1 / 4 expected
+    assert raw > 3 * errors[1]

@@ -48,6 +48,30 @@ def test_common_lines_map_matches_the_truth(simulated, tmp_path):
     assert not np.allclose(written["rlnAngleTilt"], truth["rlnAngleTilt"])
 
 
+def test_method_of_moments_writes_aligned_half_maps_and_report(simulated, tmp_path):
+    star = simulated / "particles.star"
+    before = _digest([star, simulated / "particles.mrcs"])
+    out = tmp_path / "mom" / "map.mrc"
+    main(["reconstruct", "--star", str(star), "--out", str(out), "--method", "moments", "--box", "16",
+          "--l-max", "2", "--view-degree", "2", "--starts", "1", "--fit-iterations", "10", "20", "20",
+          "--reference", str(simulated / "volume.mrc"), "--device", "cpu"])
+    assert _digest([star, simulated / "particles.mrcs"]) == before
+    for suffix in (".mrc", "_fsc.png", "_fsc.json", "_half1.mrc", "_half2.mrc"):
+        assert (tmp_path / "mom" / f"map{suffix}").is_file(), suffix
+    assert not (tmp_path / "mom" / "map.star").exists()  # no poses to write
+    report = json.loads((tmp_path / "mom" / "map_fsc.json").read_text())
+    assert report["method"] == "moments" and np.isfinite(report["moment_loss"])
+    assert len(report["viewing_coefficients"]) == 6  # degree 2: b_00 and five b_2m
+    assert 0 <= report["aligned_relative_error"] <= 1.0  # after the best scale factor
+    assert len(report["fsc_half"]) == 9 and np.isfinite(report["fsc_half"]).all()
+    with mrcfile.open(out) as m:
+        assert m.data.shape == (16, 16, 16) and np.isfinite(m.data).all()
+        assert float(m.voxel_size.x) == pytest.approx(12.0)
+    with pytest.raises(SystemExit):
+        main(["reconstruct", "--star", str(star), "--out", str(tmp_path / "c.mrc"), "--method", "moments",
+              "--class-average"])
+
+
 def test_refuses_existing_outputs_and_unknown_method(simulated, tmp_path, capsys):
     out = tmp_path / "map.mrc"
     out.write_bytes(b"x")
