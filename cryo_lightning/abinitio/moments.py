@@ -50,7 +50,7 @@ import torch
 from cryo_lightning.denoise.steerable_basis import FourierBesselBasis
 from cryo_lightning.physics.ctf import CTFParams
 
-__all__ = ["MomentLayout", "ImageMoments", "MomentEstimator", "estimate_moments", "group_by_defocus"]
+__all__ = ["MomentLayout", "ImageMoments", "MomentEstimator", "estimate_moments", "defocus_bins", "group_by_defocus"]
 
 
 class MomentLayout:
@@ -161,7 +161,7 @@ class MomentEstimator:
     """
 
     def __init__(self, layout: MomentLayout, n_groups: int = 1, third: bool = False) -> None:
-        self.layout, self.n_groups, self.third = layout, int(n_groups), bool(third)
+        self.layout, self.n_groups = layout, int(n_groups)
         dev, G = layout.device, self.n_groups
         self._s1 = torch.zeros(G, layout.count, dtype=torch.complex128, device=dev)
         self._s2 = [torch.zeros(G, q, q, dtype=torch.complex128, device=dev) for q in layout.block_sizes]
@@ -278,6 +278,14 @@ def estimate_moments(
     return est.result()
 
 
+def defocus_bins(mean_defocus: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Equal-count quantile bins of ``(N,)`` mean defocus: ``(N,)`` int64 group in ``[0, n_groups)``."""
+    n = mean_defocus.shape[0]
+    groups = torch.empty(n, dtype=torch.int64, device=mean_defocus.device)
+    groups[torch.argsort(mean_defocus)] = torch.arange(n, device=mean_defocus.device) * n_groups // n
+    return groups
+
+
 def group_by_defocus(params: CTFParams, n_groups: int) -> tuple[torch.Tensor, CTFParams]:
     """Bin images into CTF groups by mean defocus (equal-count quantile bins).
 
@@ -292,9 +300,7 @@ def group_by_defocus(params: CTFParams, n_groups: int) -> tuple[torch.Tensor, CT
     mean_defocus = 0.5 * (params.defocus_u + params.defocus_v)
     n = mean_defocus.shape[0]
     n_groups = max(1, min(int(n_groups), n))
-    order = torch.argsort(mean_defocus)
-    groups = torch.empty(n, dtype=torch.int64, device=mean_defocus.device)
-    groups[order] = torch.arange(n, device=mean_defocus.device) * n_groups // n
+    groups = defocus_bins(mean_defocus, n_groups)
     onehot = torch.nn.functional.one_hot(groups, n_groups).to(mean_defocus.dtype)
     count = onehot.sum(0)
 

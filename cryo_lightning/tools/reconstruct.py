@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from cryo_lightning.abinitio.class_average import class_averages
 from cryo_lightning.abinitio.common_lines import detect_common_lines
+from cryo_lightning.abinitio.moments import defocus_bins
 from cryo_lightning.abinitio.reconstruct import reconstruct
 from cryo_lightning.abinitio.synchronization import estimate_rotations
 from cryo_lightning.data.particles import ParticleSource, metadata_batch
@@ -282,8 +283,7 @@ def _defocus_groups(source: ParticleSource, rows: np.ndarray, ctf: torch.Tensor,
     df = source.table.particles.iloc[rows]
     defocus = torch.tensor(0.5 * (df["defocus_u_A"].to_numpy() + df["defocus_v_A"].to_numpy()), dtype=torch.float64)
     n_groups = max(1, min(n_groups, len(rows)))
-    groups = torch.empty(len(rows), dtype=torch.int64)
-    groups[torch.argsort(defocus)] = torch.arange(len(rows)) * n_groups // len(rows)
+    groups = defocus_bins(defocus, n_groups)
     reps = torch.stack([ctf.cpu().double()[groups == g].mean(0) for g in range(n_groups)])
     return groups, reps
 

@@ -73,10 +73,9 @@ def test_white_noise_has_identity_covariance_in_every_block():
     assert float(m.m1.abs().max()) < 6 * (sigma2 / 20_000) ** 0.5
 
 
-def test_debiased_second_moment_converges_at_snr_one_tenth():
-    """At SNR 1/10 the debiased M2 approaches the clean images' M2 as N grows; the raw one does not."""
-    g = torch.Generator().manual_seed(2)
-    L, l_max = 16, 3
+def _clean_projections(seed: int, n: int, L: int = 16, l_max: int = 3):
+    """``(layout, clean (n, L, L), generator)``: projections of a random molecule, degree-4 views."""
+    g = torch.Generator().manual_seed(seed)
     basis = SphericalFourierBesselBasis(L, l_max=l_max)
     layout = MomentLayout(L, l_max)
     a = basis.expand(random_molecule(L, g, dtype=torch.float64))
@@ -85,8 +84,13 @@ def test_debiased_second_moment_converges_at_snr_one_tenth():
     # of the unit coefficient vectors (fast; the same pixel pipeline as slice_images).
     unit = slice_images(basis, torch.eye(basis.layout.count, dtype=torch.float64),
                         torch.eye(3, dtype=torch.float64)[None])[:, 0]  # (count, L, L)
-    rotated = basis.rotate(a, dist.sample(16_000, generator=g, dtype=torch.float64))
-    clean = torch.einsum("nc,cyx->nyx", rotated, unit)
+    rotated = basis.rotate(a, dist.sample(n, generator=g, dtype=torch.float64))
+    return layout, torch.einsum("nc,cyx->nyx", rotated, unit), g
+
+
+def test_debiased_second_moment_converges_at_snr_one_tenth():
+    """At SNR 1/10 the debiased M2 approaches the clean images' M2 as N grows; the raw one does not."""
+    layout, clean, g = _clean_projections(2, 16_000)
     truth = estimate_moments(clean, layout).m2  # clean-image moments of the same poses
     noisy, sigma2 = add_white_noise(clean, 0.1, generator=g, dim=(-3,))
     errors, raw = [], []
@@ -134,15 +138,7 @@ def test_third_moment_slice_debiasing_removes_every_noise_term():
 
 def test_debiased_third_moment_converges_at_snr_one_half():
     """Projections of a molecule at SNR 1/2: the debiased slice approaches the clean one as N grows."""
-    g = torch.Generator().manual_seed(5)
-    L, l_max = 16, 3
-    basis = SphericalFourierBesselBasis(L, l_max=l_max)
-    layout = MomentLayout(L, l_max)
-    a = basis.expand(random_molecule(L, g, dtype=torch.float64))
-    unit = slice_images(basis, torch.eye(basis.layout.count, dtype=torch.float64),
-                        torch.eye(3, dtype=torch.float64)[None])[:, 0]
-    rotated = basis.rotate(a, SHViewingDistribution.random(4, generator=g).sample(32_000, generator=g, dtype=torch.float64))
-    clean = torch.einsum("nc,cyx->nyx", rotated, unit)
+    layout, clean, g = _clean_projections(5, 32_000)
     noisy, sigma2 = add_white_noise(clean, 0.5, generator=g, dim=(-3,))
     errors = []
     for n in (2_000, 32_000):
