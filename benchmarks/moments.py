@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from cryo_lightning.abinitio.mom import fit_moments
-from cryo_lightning.abinitio.moment_model import MomentModel, slice_images
+from cryo_lightning.abinitio.moment_model import MomentModel
+from cryo_lightning.abinitio.moment_simulation import MomentSimulator
 from cryo_lightning.abinitio.moments import ImageMoments, MomentEstimator, MomentLayout
 from cryo_lightning.abinitio.volume_alignment import align_volumes, aligned_fsc, transform_viewing
 from cryo_lightning.physics.ctf import CTFParams, ctf_2d
@@ -53,34 +54,14 @@ def ctfs_for(L: int) -> torch.Tensor:
                             amplitude_contrast=0.1), L, pixel_size=3.0)
 
 
-def image_stream(basis, a, dist, ctfs, n, chunk, generator, snr=None, signal_power=None):
-    """Yield (clean, noisy, groups) chunks; images are linear in rotate(a, A), synthesised from unit slices."""
-    eye = torch.eye(basis.layout.count, dtype=torch.float64)
-    ident = torch.eye(3, dtype=torch.float64)[None]
-    units = [slice_images(basis, eye, ident, ctf)[:, 0] for ctf in ctfs]  # per group (count, L, L)
-    for s in range(0, n, chunk):
-        m = min(chunk, n - s)
-        rot = basis.rotate(a, dist.sample(m, generator=generator, dtype=torch.float64))
-        groups = torch.arange(s, s + m) % len(ctfs)
-        clean = torch.empty(m, basis.L, basis.L, dtype=torch.float64)
-        for g, u in enumerate(units):
-            sel = groups == g
-            clean[sel] = torch.einsum("nc,cyx->nyx", rot[sel], u)
-        noisy = None
-        if snr is not None:
-            noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64)
-            noisy = clean + noise * math.sqrt(signal_power / snr)
-        yield clean, noisy, groups
-
-
-def mc_table(basis, layout, model, a, dist, ctfs, sizes, generator) -> list[dict]:
+def mc_table(sim: MomentSimulator, layout, model, a, dist, sizes, generator) -> list[dict]:
     m1, m2, m3 = model.with_third(a, dist.coeffs)
     rows = []
     for n in sizes:
-        est = MomentEstimator(layout, len(ctfs), third=True)
+        est = MomentEstimator(layout, sim.n_groups, third=True)
         t0 = time.perf_counter()
         coeffs = []
-        for clean, _, groups in image_stream(basis, a, dist, ctfs, n, 10_000, generator):
+        for clean, _, groups in sim.images(a, dist, n, generator):
             est.update(clean, groups)
             if n <= 10_000:
                 coeffs.append((layout.expand(clean), groups))
@@ -91,7 +72,7 @@ def mc_table(basis, layout, model, a, dist, ctfs, sizes, generator) -> list[dict
             c = torch.cat([x for x, _ in coeffs])
             g = torch.cat([y for _, y in coeffs])
             var1, var2 = 0.0, 0.0
-            for grp in range(len(ctfs)):
+            for grp in range(sim.n_groups):
                 cg = c[g == grp]
                 ng = cg.shape[0]  # E||mean - truth||^2 = sum of entry variances / n, per group
                 var1 += float((cg - cg.mean(0)).abs().pow(2).sum()) / (ng - 1) / ng
@@ -109,20 +90,10 @@ def mc_table(basis, layout, model, a, dist, ctfs, sizes, generator) -> list[dict
     return rows
 
 
-def noisy_moments(basis, layout, a, dist, ctfs, sizes, snr, generator) -> tuple[dict[int, ImageMoments], float]:
-    # signal power inside the disk, from a pilot sample (the SNR definition of physics/noise.py)
-    from cryo_lightning.physics.noise import signal_power
-    pilot = next(image_stream(basis, a, dist, ctfs, 2000, 2000, generator))[0]
-    power = float(signal_power(pilot, dim=(-3,)))
-    est = MomentEstimator(layout, len(ctfs), third=True)
-    out, done = {}, 0
-    sigma2 = power / snr
-    for clean, noisy, groups in image_stream(basis, a, dist, ctfs, max(sizes), 10_000, generator, snr, power):
-        est.update(noisy, groups, sigma2)
-        done += clean.shape[0]
-        if done in sizes:
-            out[done] = est.result()
-    return out, sigma2
+def noisy_moments(sim: MomentSimulator, a, dist, sizes, snr, generator) -> tuple[dict[int, ImageMoments], float]:
+    """Debiased moments of the first N noisy images for N in sizes, and the noise variance (SNR of physics/noise.py)."""
+    std = sim.noise_std(a, dist, snr, generator)
+    return sim.moments(a, dist, sizes, generator, noise_std=std, third=True), std**2
 
 
 def jacobian_null_dims(L, l_max, bandlimit, degree, steerable, seed=0, third=False) -> tuple[int, int]:
@@ -188,10 +159,11 @@ def main() -> None:
                                  "ctf_groups": 2, "model_setup_s": setup,
                                  "threads": torch.get_num_threads()}}
 
-    results["monte_carlo"] = mc_table(basis, layout, model, a, dist, ctfs, args.mc_sizes, g)
+    sim = MomentSimulator(basis, layout, ctfs)
+    results["monte_carlo"] = mc_table(sim, layout, model, a, dist, args.mc_sizes, g)
 
     snr = 0.1
-    noisy, sigma2 = noisy_moments(basis, layout, a, dist, ctfs, args.noisy_sizes, snr, g)
+    noisy, sigma2 = noisy_moments(sim, a, dist, args.noisy_sizes, snr, g)
     m1, m2, m3 = model.with_third(a, dist.coeffs)
     results["debias"] = []
     for n, mom in sorted(noisy.items()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cryo_lightning.abinitio.moment_model import slice_images
+from cryo_lightning.abinitio.moment_simulation import MomentSimulator
 from cryo_lightning.abinitio.moments import MomentEstimator, MomentLayout, estimate_moments, group_by_defocus
 from cryo_lightning.physics.ctf import random_ctf_params
 from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
@@ -80,12 +80,8 @@ def _clean_projections(seed: int, n: int, L: int = 16, l_max: int = 3):
     layout = MomentLayout(L, l_max)
     a = basis.expand(random_molecule(L, g, dtype=torch.float64))
     dist = SHViewingDistribution.random(4, generator=g)
-    # Images are linear in the rotated coefficients: synthesise them from the identity-pose slices
-    # of the unit coefficient vectors (fast; the same pixel pipeline as slice_images).
-    unit = slice_images(basis, torch.eye(basis.layout.count, dtype=torch.float64),
-                        torch.eye(3, dtype=torch.float64)[None])[:, 0]  # (count, L, L)
-    rotated = basis.rotate(a, dist.sample(n, generator=g, dtype=torch.float64))
-    return layout, torch.einsum("nc,cyx->nyx", rotated, unit), g
+    clean = next(MomentSimulator(basis, layout, chunk=n).images(a, dist, n, g))[0]
+    return layout, clean, g
 
 
 def test_debiased_second_moment_converges_at_snr_one_tenth():
