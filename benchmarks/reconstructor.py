@@ -9,7 +9,7 @@ coefficients scaled to the target's ``tr M2``, uniform viewing distribution).
 - Learned: :class:`~cryo_lightning.models.reconstructor.MomentReconstructor` (``--unroll``
   steps, ``--channels`` per degree), trained here with Adam on the O(3)-aligned relative volume
   error plus 0.1 x the moment loss of the output, ``--steps`` batches of ``--batch`` molecules
-  (a stand-in for the Lightning task of issue 7, which does not exist yet).
+  (the loss of ``tasks/reconstruct.py``; ``configs/reconstructor_cpu.yaml`` trains the same network).
 - Classical: ``fit_moments`` with stages (50, 200, 300) and the whitened stage, one start.
 
 Reported: aligned relative coefficient error and time per reconstruction on held-out molecules.
