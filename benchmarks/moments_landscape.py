@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cryo_lightning.abinitio.mom import fit_moments, whitening_scales
+from cryo_lightning.abinitio.mom import fit_moments, whiten_moments, whitening_scales
 from cryo_lightning.abinitio.moment_model import MomentModel
 from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout
 from cryo_lightning.abinitio.volume_alignment import align_volumes
@@ -41,14 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def whitened_residual(model: MomentModel, target: ImageMoments, na: int):
     """``x = (a, b_rest) -> `` whitened ``(M1, M2, M3)`` residual, real, flattened."""
     sc = whitening_scales(target)
-    s0, s_all = sc[0], torch.cat(sc, dim=-1)
 
     def flat(m1, m2, m3) -> torch.Tensor:
-        parts = [(m1 * s_all).flatten()]
-        parts += [(m * (s[:, :, None] * s[:, None, :])).flatten() for m, s in zip(m2, sc)]
-        parts += [(m * (s0[:, :, None, None] * s[:, None, :, None] * s[:, None, None, :])).flatten()
-                  for m, s in zip(m3, sc)]
-        r = torch.cat(parts)
+        m1, m2, m3 = whiten_moments(m1, m2, m3, sc)
+        r = torch.cat([m1.flatten()] + [m.flatten() for m in m2 + m3])
         return torch.cat([r.real, r.imag])
 
     t = flat(target.m1, target.m2, target.m3)

@@ -48,7 +48,8 @@ from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
 from cryo_lightning.physics.spherical_harmonics import sphere_quadrature
 from cryo_lightning.physics.viewing_sh import SHViewingDistribution
 
-__all__ = ["moment_loss", "whitening_scales", "MomResult", "fit_moments", "moments_reconstruct"]
+__all__ = ["moment_loss", "whiten_moments", "power_matched_start", "whitening_scales", "MomResult", "fit_moments",
+           "moments_reconstruct"]
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
@@ -92,14 +93,8 @@ def moment_loss(
         m1, m2 = model(a, b)
     t1, t2, t3 = target.m1, target.m2, target.m3
     if scales is not None:
-        s0, s_all = scales[0], torch.cat(scales, dim=-1)
-        m1, t1 = m1 * s_all, t1 * s_all
-        m2 = [m * (s[:, :, None] * s[:, None, :]) for m, s in zip(m2, scales)]
-        t2 = [m * (s[:, :, None] * s[:, None, :]) for m, s in zip(t2, scales)]
-        if use_m3:
-            f = [s0[:, :, None, None] * s[:, None, :, None] * s[:, None, None, :] for s in scales]
-            m3 = [m * x for m, x in zip(m3, f)]
-            t3 = [m * x for m, x in zip(t3, f)]
+        m1, m2, m3 = whiten_moments(m1, m2, m3 if use_m3 else None, scales)
+        t1, t2, t3 = whiten_moments(t1, t2, t3 if use_m3 else None, scales)
     loss = (w * _sq(m1 - t1)).sum() / (w * _sq(t1)).sum().clamp_min(1e-300)
 
     def term(model_blocks, target_blocks):
@@ -112,6 +107,29 @@ def moment_loss(
     if use_m3:
         loss = loss + m3_weight * term(m3, t3)
     return loss
+
+
+def whiten_moments(m1: torch.Tensor, m2: list[torch.Tensor], m3: list[torch.Tensor] | None, scales: list[torch.Tensor]
+           ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+    """Scale every index of ``M1``, ``M2`` and the ``M3`` slice by :func:`whitening_scales` (``m3`` may be ``None``)."""
+    s0 = scales[0]
+    m1 = m1 * torch.cat(scales, dim=-1)
+    m2 = [m * (s[:, :, None] * s[:, None, :]) for m, s in zip(m2, scales)]
+    if m3 is not None:
+        m3 = [m * (s0[:, :, None, None] * s[:, None, :, None] * s[:, None, None, :]) for m, s in zip(m3, scales)]
+    return m1, m2, m3
+
+
+def power_matched_start(model: MomentModel, target: ImageMoments, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` scaled so that the group-weighted ``tr M2(a, b)`` equals the target's (``M2`` is quadratic in ``a``)."""
+    w = target.weights.to(a.device)
+
+    def power(m2: list[torch.Tensor]) -> float:
+        return sum(float((w * torch.diagonal(t, dim1=-2, dim2=-1).real.sum(-1)).sum()) for t in m2)
+
+    with torch.no_grad():
+        now = power(model(a, b)[1])
+    return a * math.sqrt(max(power(target.m2), 1e-300) / max(now, 1e-300))
 
 
 def whitening_scales(target: ImageMoments, floor: float = 1e-6) -> list[torch.Tensor]:
@@ -235,8 +253,6 @@ def fit_moments(
     rho_table = torch.stack(
         [SHViewingDistribution(e, model.view_degree).density(nodes.cpu()) for e in eye], dim=-1
     ).to(dev)
-    tr_target = sum(float((target.weights.to(dev) * torch.diagonal(t, dim1=-2, dim2=-1).real.sum(-1)).sum())
-                    for t in target.m2)
 
     best: MomResult | None = None
     losses, evaluations = [], 0
@@ -247,11 +263,7 @@ def fit_moments(
         else:
             b_rest = SHViewingDistribution.random(model.view_degree, generator=generator).coeffs[1:].to(dev)
             a = torch.randn(model.basis.layout.count, generator=generator, dtype=torch.float64).to(dev)
-            with torch.no_grad():
-                _, m2 = model(a, torch.cat([b_rest.new_ones(1), b_rest]))
-                tr = sum(float((target.weights.to(dev) * torch.diagonal(t, dim1=-2, dim2=-1).real.sum(-1)).sum())
-                         for t in m2)
-            a = a * math.sqrt(max(tr_target, 1e-300) / max(tr, 1e-300))
+            a = power_matched_start(model, target, a, torch.cat([b_rest.new_ones(1), b_rest]))
         a.requires_grad_(True)
         b_rest.requires_grad_(True)
 

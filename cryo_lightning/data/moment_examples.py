@@ -15,7 +15,6 @@ the basis for O(3) alignment), so that :mod:`~cryo_lightning.tasks.reconstruct` 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from cryo_lightning.abinitio.mom import moment_loss
+from cryo_lightning.abinitio.mom import moment_loss, power_matched_start
 from cryo_lightning.abinitio.moment_model import MomentModel
 from cryo_lightning.abinitio.moment_simulation import MomentSimulator
 from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout
@@ -122,11 +121,8 @@ class MomentDataModule(pl.LightningDataModule):
             target = self.simulator.moments(a, dist, self.n_images, g, noise_std=std, third=self.third)[self.n_images]
         b0 = torch.zeros_like(dist.coeffs)
         b0[0] = 1.0
-        a0 = torch.randn(a.numel(), generator=g, dtype=torch.float64)
-        with torch.no_grad():
-            tr0 = sum(float(torch.diagonal(t, dim1=-2, dim2=-1).real.sum()) for t in self.moment_model(a0, b0)[1])
-        tr = sum(float((target.weights[:, None] * torch.diagonal(t, dim1=-2, dim2=-1).real).sum()) for t in target.m2)
-        a0 = a0 * math.sqrt(max(tr, 1e-300) * groups / max(tr0, 1e-300))
+        a0 = power_matched_start(self.moment_model, target,
+                                 torch.randn(a.numel(), generator=g, dtype=torch.float64), b0)
         return {"coeffs": a, "view_coeffs": dist.coeffs, "moments": target, "start": a0, "view_start": b0}
 
     def loss_fn(self, target: ImageMoments) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
