@@ -1,18 +1,20 @@
 """Method-of-moments benchmark: forward model vs Monte Carlo, debiasing, classical solver, identifiability.
 
-Setting (default, about 15 minutes on 2 CPU cores): L = 32, SFB volume basis with l_max = 4 and
-band limit 0.5 cycles/pixel (359 coefficients), images in the Fourier-Bessel layout with
-k <= 4 and the same band limit, viewing distribution ``SHViewingDistribution.random(4)``
-(non-uniform, degree 4), two CTF groups (defocus 1.0 and 2.0 um, 300 kV, 3 A/pixel), a
-held-out molecule (``random_molecule`` with seed 1000 + i, not used by any test).
+Setting (default, about 40 minutes on 2 CPU cores): L = 32, SFB volume basis with l_max = 3 and
+band limit 0.25 cycles/pixel (105 coefficients), images in the Fourier-Bessel layout with
+k <= 3 and the same band limit, viewing distribution ``SHViewingDistribution.random(8)``
+(non-uniform, degree 8), two CTF groups (defocus 1.0 and 2.0 um, 300 kV, 3 A/pixel), a
+held-out molecule (``random_molecule`` with seed 1000, not used by any test).
 
 1. Forward model vs Monte Carlo: relative error of the empirical M1, M2 and M3 slice of N = 10^3, 10^4,
    10^5 clean images (pixel pipeline of ``abinitio/moment_model.py``) against the model, with the
    Monte-Carlo standard error predicted from the samples; the error should fall like 1/sqrt(N).
 2. Debiasing at SNR 1/10: relative error of the debiased (and raw) M2 and M3 against the model.
-3. Classical solver (``fit_moments``): from exact moments and from the noisy moments of 10^4 and
-   10^5 images, with M1 + M2 only and with the M3 stage plus the whitened stage; aligned relative
-   coefficient error (O(3)), moment residual, time.
+3. Classical solver (``fit_moments``, ``--starts`` random starts then ``--hops`` block basin
+   hops): from exact moments and from the noisy moments of 10^4 and 10^5 images, with M1 + M2
+   only and with the M3 stage plus the whitened stage; aligned relative coefficient error (O(3)),
+   moment residual, time. Then the M3 solver from exact moments of further held-out molecules
+   (``--more-seeds``), with and without the hops.
 4. Identifiability: rank of the Jacobian of (M1, M2) (and of (M1, M2, M3)) w.r.t. (a, b) at the
    truth, for the pixel model and for the ideal steerable model (couplings between angular
    frequencies removed); the expected null space is 3-dimensional (global rotation).
@@ -130,13 +132,16 @@ def jacobian_null_dims(L, l_max, bandlimit, degree, steerable, seed=0, third=Fal
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--L", type=int, default=32)
-    p.add_argument("--l-max", type=int, default=4)
-    p.add_argument("--bandlimit", type=float, default=0.5)
-    p.add_argument("--view-degree", type=int, default=4)
+    p.add_argument("--l-max", type=int, default=3)
+    p.add_argument("--bandlimit", type=float, default=0.25)
+    p.add_argument("--view-degree", type=int, default=8)
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--mc-sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     p.add_argument("--noisy-sizes", type=int, nargs="+", default=[10_000, 100_000])
-    p.add_argument("--starts", type=int, default=3)
+    p.add_argument("--starts", type=int, default=2)
+    p.add_argument("--hops", type=int, default=30, help="block basin hops after the best start")
+    p.add_argument("--more-seeds", type=int, nargs="*", default=[1001, 1002, 1003],
+                   help="further held-out molecules for the exact-moment solver table")
     p.add_argument("--iterations", type=int, nargs=2, default=[50, 400], help="M1 and M1+M2 stages")
     p.add_argument("--iterations-m3", type=int, nargs=3, default=[50, 200, 300],
                    help="M1, M1+M2 and M1+M2+M3 stages (then the same again, whitened)")
@@ -156,7 +161,7 @@ def main() -> None:
     results: dict = {"setting": {"L": args.L, "l_max": args.l_max, "bandlimit": args.bandlimit,
                                  "view_degree": args.view_degree, "seed": args.seed,
                                  "sfb_count": basis.layout.count, "image_count": layout.count,
-                                 "ctf_groups": 2, "model_setup_s": setup,
+                                 "ctf_groups": 2, "model_setup_s": setup, "starts": args.starts,
                                  "threads": torch.get_num_threads()}}
 
     sim = MomentSimulator(basis, layout, ctfs)
@@ -183,17 +188,40 @@ def main() -> None:
         third = terms != "M1+M2"
         res = fit_moments(model, target, n_starts=args.starts,
                           iterations=tuple(args.iterations_m3 if third else args.iterations), whiten=third,
-                          generator=torch.Generator().manual_seed(args.seed + 1))
+                          hops=args.hops, generator=torch.Generator().manual_seed(args.seed + 1))
         al = align_volumes(basis, a, res.coeffs)
         b_al = transform_viewing(res.view_coeffs, args.view_degree, al.rotation, al.reflected)
         fsc = aligned_fsc(basis, a, al.aligned)
         row = {"moments": name, "terms": terms, "loss": res.loss, "aligned_rel_err": al.relative_error,
                "view_rel_err": float((b_al - dist.coeffs).norm() / dist.coeffs.norm()),
                "fsc_min_below_bandlimit": float(fsc[1 : int(args.bandlimit * args.L)].min()),
-               "seconds": res.seconds, "evaluations": res.evaluations, "start_losses": res.losses}
+               "seconds": res.seconds, "evaluations": res.evaluations, "start_losses": res.losses,
+               "hops": args.hops, "hops_accepted": res.hops_accepted}
         results["solver"].append(row)
         print(f"solver {name} {terms}: loss {res.loss:.2e} aligned err {al.relative_error:.3f} "
               f"view err {row['view_rel_err']:.3f} time {res.seconds:.0f} s")
+
+    results["molecules"] = []
+    for seed in [args.seed] + list(args.more_seeds):
+        gm = torch.Generator().manual_seed(seed)
+        am = basis.expand(random_molecule(args.L, gm, dtype=torch.float64))
+        dm = SHViewingDistribution.random(args.view_degree, generator=gm)
+        with torch.no_grad():
+            t1, t2, t3 = model.with_third(am, dm.coeffs)
+        target = ImageMoments(t1, t2, one, 0 * one, t3)
+        no_hop = fit_moments(model, target, n_starts=args.starts, iterations=tuple(args.iterations_m3), whiten=True,
+                             generator=torch.Generator().manual_seed(seed + 1))
+        # the hops continue from the staged fit above (one more iteration per stage switches the M3 terms on)
+        res = fit_moments(model, target, n_starts=1, iterations=(0, 0, 1), whiten=True, hops=args.hops,
+                          init=(no_hop.coeffs, no_hop.view_coeffs), generator=torch.Generator().manual_seed(seed + 2))
+        hop_s = no_hop.seconds + res.seconds
+        row = {"seed": seed, "loss_no_hops": no_hop.loss, "aligned_rel_err_no_hops":
+               align_volumes(basis, am, no_hop.coeffs).relative_error, "seconds_no_hops": no_hop.seconds,
+               "loss": res.loss, "aligned_rel_err": align_volumes(basis, am, res.coeffs).relative_error,
+               "hops_accepted": res.hops_accepted, "seconds": hop_s}
+        results["molecules"].append(row)
+        print(f"molecule {seed}: no hops loss {row['loss_no_hops']:.2e} err {row['aligned_rel_err_no_hops']:.3f}; "
+              f"{args.hops} hops loss {row['loss']:.2e} err {row['aligned_rel_err']:.3f} ({hop_s:.0f} s)", flush=True)
 
     results["identifiability"] = []
     for cfg in [(32, 1, 0.25, 2), (32, 2, 0.25, 2), (32, 2, 0.25, 4), (32, 3, 0.25, 4), (32, 4, 0.25, 4)]:
@@ -237,7 +265,17 @@ def markdown(r: dict) -> str:
     for row in r["solver"]:
         lines.append(f"| {row['moments']} | {row['terms']} | {row['loss']:.2e} | {row['aligned_rel_err']:.3f} | {row['view_rel_err']:.3f} | "
                      f"{row['fsc_min_below_bandlimit']:.3f} | {row['seconds']:.0f} |")
-    lines += ["", "Final loss: relative misfit of the terms used (whitened for the M3 rows).",
+    hops = r["solver"][0]["hops"] if r["solver"] else 0
+    lines += ["", f"{s.get('starts', '?')} random starts, then {hops} block basin hops. Final loss: relative misfit "
+              "of the terms used (whitened for the M3 rows).",
+              "", "## Held-out molecules, exact moments, M1+M2+M3 whitened", "",
+              "| molecule seed | loss, no hops | aligned rel. err., no hops | time (s) | loss, with hops | "
+              "aligned rel. err., with hops | hops accepted | time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for row in r.get("molecules", []):
+        lines.append(f"| {row['seed']} | {row['loss_no_hops']:.2e} | {row['aligned_rel_err_no_hops']:.3f} | "
+                     f"{row['seconds_no_hops']:.0f} | {row['loss']:.2e} | {row['aligned_rel_err']:.3f} | "
+                     f"{row['hops_accepted']}/{hops} | {row['seconds']:.0f} |")
+    lines += ["",
               "", "## Identifiability: null space of the Jacobian at the truth (3 = rotations only)", "",
               "| L | l_max | band limit | viewing degree | model | unknowns | null dims (M1, M2) | null dims (M1, M2, M3) |",
               "|---|---|---|---|---|---|---|---|"]

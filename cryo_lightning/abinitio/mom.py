@@ -32,6 +32,17 @@ for ``S (l_max + 1)^2`` volume unknowns (``S`` radial functions), and even where
 suffices the Jacobian has dozens of singular values below 1e-8: fits reach moment residuals near
 zero at volumes far from the truth. The third-moment slice removes every null direction except
 the 3 rotations (benchmarks/moments.py); the remaining difficulty is non-convexity.
+
+Block basin hopping (``hops > 0``). From random starts at ``L = 32`` and ``l_max >= 3`` the staged
+fit ends in local minima (benchmarks/moments_landscape.py) whose error sits in a few degrees:
+typically the odd degrees, whose Gram matrices ``a_l a_l^T`` are off, and single degrees with the
+right Gram matrix but the wrong ``O(2l + 1)`` factor. The moments split by parity (the odd
+angular-frequency blocks of ``M2`` and of the ``M3`` slice are quadratic in the odd-degree
+coefficients; ``M1`` and the even blocks do not see them), so a minimum that is wrong in one such
+block is separated from the truth by a barrier along the whole vector but not along the block.
+A hop redraws one block (all odd degrees together, then each degree ``l >= 1`` in turn) as white
+noise of the block's current norm, refits that block with the rest held, polishes all unknowns,
+and keeps the result only if the final-stage loss went down.
 """
 
 from __future__ import annotations
@@ -41,15 +52,16 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from cryo_lightning.abinitio.moment_model import MomentModel
 from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout, estimate_moments
-from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
+from cryo_lightning.physics.fourier_bessel import SFBLayout, SphericalFourierBesselBasis
 from cryo_lightning.physics.spherical_harmonics import sphere_quadrature
 from cryo_lightning.physics.viewing_sh import SHViewingDistribution
 
-__all__ = ["moment_loss", "whiten_moments", "power_matched_start", "whitening_scales", "MomResult", "fit_moments",
-           "moments_reconstruct"]
+__all__ = ["moment_loss", "whiten_moments", "power_matched_start", "whitening_scales", "MomResult", "hop_blocks",
+           "fit_moments", "moments_reconstruct"]
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +172,8 @@ class MomResult:
         losses: final loss of every start.
         seconds: wall time of the whole fit.
         evaluations: loss evaluations summed over starts and stages.
+        hops_accepted: basin hops that lowered the loss.
+        hop_losses: loss after every hop (accepted or not).
     """
 
     coeffs: torch.Tensor
@@ -169,6 +183,8 @@ class MomResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     evaluations: int = 0
+    hops_accepted: int = 0
+    hop_losses: list[float] = field(default_factory=list)
 
     @property
     def distribution(self) -> SHViewingDistribution:
@@ -207,6 +223,65 @@ def _closure(model, a, b_rest, target, use_m2, use_m3, m2_weight, scales, rho_ta
     return closure
 
 
+def hop_blocks(layout: SFBLayout) -> list[tuple[str, torch.Tensor]]:
+    """Coefficient blocks that basin hopping redraws, in order: all odd degrees, then each ``l >= 1``.
+
+    Returns:
+        ``(name, mask)`` pairs, ``mask`` ``(count,)`` bool; empty blocks are left out.
+    """
+    degree = layout.lsm()[:, 0]
+    blocks = [("odd", degree % 2 == 1)] if layout.l_max >= 3 else []
+    blocks += [(f"l={l}", degree == l) for l in range(1, layout.l_max + 1)]
+    return [(name, m) for name, m in blocks if bool(m.any())]
+
+
+def _basin_hop(model, target, a, b_rest, hops, n_iter, use_m3, scales, rho_table, positivity_weight, m2_weight,
+               generator, tol, verbose, progress) -> tuple[torch.Tensor, torch.Tensor, float, int, list[float], int]:
+    """Block basin hopping from ``(a, b_rest)`` (module docstring); returns the best state and its loss."""
+    blocks = [(name, m.to(a.device)) for name, m in hop_blocks(model.basis.layout)]
+
+    def loss_of(av: torch.Tensor, bv: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(moment_loss(model, av, torch.cat([bv.new_ones(1), bv]), target, m2_weight=m2_weight,
+                                     use_m3=use_m3, scales=scales))
+
+    best_a, best_b = a.detach().clone(), b_rest.detach().clone()
+    best, accepted, history, evaluations = loss_of(best_a, best_b), 0, [], 0
+    bar = tqdm(total=hops if blocks else 0, desc="basin hops", unit="hop", disable=not progress, leave=False)
+    for hop in range(hops if blocks else 0):
+        if best <= tol:
+            break
+        name, m = blocks[hop % len(blocks)]
+        draw = torch.randn(int(m.sum()), generator=generator, dtype=torch.float64).to(a.device)
+        x = (draw * best_a[m].norm() / draw.norm().clamp_min(1e-300)).requires_grad_(True)
+        fixed_b = torch.cat([best_b.new_ones(1), best_b])
+
+        def block_closure() -> torch.Tensor:
+            if torch.is_grad_enabled():
+                x.grad = None
+            loss = moment_loss(model, best_a.masked_scatter(m, x), fixed_b, target, m2_weight=m2_weight,
+                               use_m3=use_m3, scales=scales)
+            if loss.requires_grad:
+                loss.backward()
+            return loss
+
+        evaluations += _lbfgs([x], block_closure, n_iter)
+        new_a = best_a.masked_scatter(m, x.detach()).requires_grad_(True)
+        new_b = best_b.clone().requires_grad_(True)
+        evaluations += _lbfgs([new_a, new_b], _closure(model, new_a, new_b, target, True, use_m3, m2_weight, scales,
+                                                       rho_table, positivity_weight), n_iter)
+        loss = loss_of(new_a.detach(), new_b.detach())
+        history.append(loss)
+        if loss < best:
+            best, best_a, best_b, accepted = loss, new_a.detach().clone(), new_b.detach().clone(), accepted + 1
+        if verbose:
+            print(f"hop {hop} ({name}): loss {loss:.3e}, best {best:.3e}")
+        bar.set_postfix(best=f"{best:.2e}", accepted=accepted)
+        bar.update()
+    bar.close()
+    return best_a, best_b, best, accepted, history, evaluations
+
+
 def fit_moments(
     model: MomentModel,
     target: ImageMoments,
@@ -217,7 +292,11 @@ def fit_moments(
     whiten: bool = False,
     generator: torch.Generator | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    hops: int = 0,
+    hop_iterations: int = 200,
+    hop_tol: float = 0.0,
     verbose: bool = False,
+    progress: bool = False,
 ) -> MomResult:
     """Fit ``(a, b)`` to moments: staged L-BFGS from several random starts (module docstring).
 
@@ -234,7 +313,11 @@ def fit_moments(
             :func:`whitening_scales`.
         generator: seeds the starts (CPU).
         init: optional ``(a0, b0)`` used as the first start (``b0`` with ``b_00``).
-        verbose: print the loss of every start.
+        hops: block basin hops (module docstring) from the best start, with the last stage's loss.
+        hop_iterations: L-BFGS iterations of a hop's block refit and of its polish.
+        hop_tol: stop hopping once the loss is at or below this (exact moments: the truth is at 0).
+        verbose: print the loss of every start and hop.
+        progress: show a progress bar over the hops (stderr).
     Returns:
         :class:`MomResult` of the best start.
     """
@@ -286,6 +369,12 @@ def fit_moments(
         if best is None or final < best.loss:
             best = MomResult(a.detach().clone(), full_b().detach().clone(), model.view_degree, final)
     assert best is not None
+    if hops > 0:
+        a, b_rest, loss, best.hops_accepted, best.hop_losses, count = _basin_hop(
+            model, target, best.coeffs, best.view_coeffs[1:], hops, hop_iterations, third,
+            scales if whiten else None, rho_table, positivity_weight, m2_weight, generator, hop_tol, verbose, progress)
+        best.coeffs, best.view_coeffs, best.loss = a, torch.cat([b_rest.new_ones(1), b_rest]), loss
+        evaluations += count
     best.losses, best.seconds, best.evaluations = losses, time.perf_counter() - t0, evaluations
     return best
 
@@ -301,6 +390,7 @@ def moments_reconstruct(
     n_starts: int = 4,
     iterations: tuple[int, ...] = (50, 200, 300),
     whiten: bool = True,
+    hops: int = 0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, SHViewingDistribution, torch.Tensor, MomResult]:
@@ -315,7 +405,7 @@ def moments_reconstruct(
         l_max: SFB degree of the volume.
         bandlimit: volume and image band limit, cycles/pixel.
         view_degree: ``2h`` of the viewing distribution.
-        n_starts, iterations, whiten, generator: as in :func:`fit_moments` (a third
+        n_starts, iterations, whiten, hops, generator: as in :func:`fit_moments` (a third
             ``iterations`` entry adds the third-moment stage).
         device: where to compute.
     Returns:
@@ -332,6 +422,7 @@ def moments_reconstruct(
     target = estimate_moments(images, layout, groups=groups, noise_variance=noise_variance, n_groups=n_groups,
                               third=third)
     model = MomentModel(basis, layout, view_degree, ctfs=ctfs, third=third)
-    result = fit_moments(model, target, n_starts=n_starts, iterations=iterations, whiten=whiten, generator=generator)
+    result = fit_moments(model, target, n_starts=n_starts, iterations=iterations, whiten=whiten, hops=hops,
+                         generator=generator, progress=hops > 0)
     volume = basis.evaluate(result.coeffs).to(torch.float32)
     return result.coeffs, result.distribution, volume, result

@@ -18,7 +18,9 @@ image moments (M1, M2 and the third-moment slice; noise variance from each parti
 background) and fits a spherical Fourier-Bessel volume and a viewing distribution to them
 (abinitio/mom.py). Half maps are fitted separately and aligned onto the full map over O(3)
 before their FSC; no STAR is written (there are no poses), and the fitted viewing distribution
-goes into the JSON report.
+goes into the JSON report. ``--method learned --checkpoint last.ckpt`` does the same with a
+trained reconstructor network (tasks/reconstruct.py) in place of the random starts, then a short
+polish of the moment misfit.
 
 The map's orientation is arbitrary and its hand is undetermined (docs/conventions.md §15).
 With ``--reference`` the input STAR must carry angles (e.g. from ``cryol simulate``): the
@@ -57,9 +59,9 @@ from cryo_lightning.physics.projection import translate_spectrum
 from cryo_lightning.physics.rotations import euler_to_matrix, matrix_to_euler, register_rotations
 from cryo_lightning.tools.common import add_flag, open_particle_input, parse_assume, pick_device, prepare_outputs, tool_parser
 
-__all__ = ["ReconstructionReport", "MomentOptions", "reconstruct_particles", "main"]
+__all__ = ["ReconstructionReport", "MomentOptions", "LearnedFit", "reconstruct_particles", "main"]
 
-METHODS = ("common-lines", "moments")
+METHODS = ("common-lines", "moments", "learned")
 
 
 @dataclass
@@ -166,8 +168,11 @@ def reconstruct_particles(
     """Run the whole ``cryol reconstruct`` pipeline (see the module docstring); returns the report."""
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
-    if method == "moments" and class_average:
-        raise InputError("--class-average does not apply to --method moments (moments use every particle)")
+    if method in ("moments", "learned") and class_average:
+        raise InputError(f"--class-average does not apply to --method {method} (moments use every particle)")
+    if method == "learned" and not (moments and moments.checkpoint):
+        raise InputError("--method learned needs --checkpoint: a ReconstructTask checkpoint from "
+                         "`cryol fit --config configs/reconstructor_cpu.yaml` (runs/.../checkpoints/last.ckpt)")
     dev = pick_device(device)
     out_map = Path(out)
     if out_map.suffix.lower() not in (".mrc", ".map"):
@@ -177,7 +182,7 @@ def reconstruct_particles(
              "half2": Path(f"{stem}_half2.mrc"), "png": Path(f"{stem}_fsc.png"), "json": Path(f"{stem}_fsc.json")}
     if class_average:
         paths["classes"] = Path(f"{stem}_classes.mrcs")
-    if method == "moments":
+    if method in ("moments", "learned"):
         del paths["star"]
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -200,9 +205,9 @@ def reconstruct_particles(
             images = _denoise(denoiser, images, ctf, set_size, seed)
             timings["denoise"] = time.perf_counter() - t
 
-        if method == "moments":
+        if method in ("moments", "learned"):
             report = _reconstruct_moments(images, ctf if has_ctf else None, source, rows, pixel, paths, reference,
-                                          moments or MomentOptions(), seed, overwrite)
+                                          moments or MomentOptions(), seed, overwrite, learned=method == "learned")
             report.seconds = {**{k: round(v, 2) for k, v in timings.items()}, **report.seconds}
             with atomic_path(paths["json"], overwrite=True) as tmp_json:
                 Path(tmp_json).write_text(json.dumps(report.__dict__, indent=1))
@@ -270,12 +275,76 @@ def reconstruct_particles(
 class MomentOptions:
     """Settings of ``--method moments`` (see :func:`~cryo_lightning.abinitio.mom.moments_reconstruct`)."""
 
-    l_max: int = 6
-    bandlimit: float = 0.3
-    view_degree: int = 4
+    l_max: int = 3
+    bandlimit: float = 0.25
+    view_degree: int = 8
     ctf_groups: int = 4
-    starts: int = 3
+    starts: int = 2
     iterations: tuple[int, ...] = (50, 200, 300)
+    hops: int = 30
+    checkpoint: str | None = None
+    polish: int = 100
+
+
+class LearnedFit:
+    """``--method learned``: a trained :class:`~cryo_lightning.tasks.reconstruct.ReconstructTask` applied to moments.
+
+    The volume basis (``l_max``, band limit), viewing degree and third-moment use come from the
+    checkpoint's datamodule settings; the box must be the one it was trained at. A fit estimates
+    the CTF-grouped, noise-debiased moments, draws a start like the training examples (white
+    coefficients scaled to ``tr M2``, uniform viewing distribution), runs the network, then
+    ``polish`` L-BFGS iterations of the classical moment loss from its output (0: none).
+    """
+
+    def __init__(self, checkpoint: str, box: int, polish: int = 100) -> None:
+        from cryo_lightning.tasks.reconstruct import ReconstructTask
+
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise InputError(f"--checkpoint {checkpoint}: no such file")
+        settings = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters")
+        if not settings or "l_max" not in settings:
+            raise InputError(f"--checkpoint {checkpoint}: not a learned-reconstructor checkpoint (no MomentDataModule "
+                             "settings); train one with `cryol fit --config configs/reconstructor_cpu.yaml`")
+        if int(settings["box"]) != box:
+            raise InputError(f"--checkpoint {checkpoint} was trained at box {settings['box']}, the particles are at "
+                             f"box {box}: run with --box {settings['box']}")
+        self.task = ReconstructTask.load_from_checkpoint(path, map_location="cpu").eval()
+        self.l_max, self.bandlimit = int(settings["l_max"]), float(settings["bandlimit"])
+        self.view_degree, self.third = int(settings["view_degree"]), bool(settings.get("third", True))
+        self.polish = int(polish)
+
+    def __call__(self, images: torch.Tensor, noise_variance: torch.Tensor, ctfs: torch.Tensor | None,
+                 groups: torch.Tensor | None, generator: torch.Generator):
+        """Same contract as :func:`~cryo_lightning.abinitio.mom.moments_reconstruct`."""
+        from cryo_lightning.abinitio.mom import MomResult, fit_moments, moment_loss, power_matched_start
+        from cryo_lightning.abinitio.moment_model import MomentModel
+        from cryo_lightning.abinitio.moments import MomentLayout, estimate_moments
+        from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
+
+        t = time.perf_counter()
+        L = images.shape[-1]
+        basis = SphericalFourierBesselBasis(L, l_max=self.l_max, bandlimit=self.bandlimit)
+        layout = MomentLayout(L, self.l_max, bandlimit=self.bandlimit)
+        n_groups = 1 if ctfs is None else ctfs.shape[0]
+        target = estimate_moments(images, layout, groups=groups, noise_variance=noise_variance, n_groups=n_groups,
+                                  third=self.third)
+        model = MomentModel(basis, layout, self.view_degree, ctfs=ctfs, third=self.third)
+        b0 = torch.zeros(model.b_count, dtype=torch.float64)
+        b0[0] = 1.0
+        a0 = power_matched_start(model, target, torch.randn(basis.layout.count, generator=generator,
+                                                            dtype=torch.float64), b0)
+        with torch.enable_grad():
+            a, b = self.task(a0, b0, lambda x, y: moment_loss(model, x, y, target, use_m3=self.third))
+        a, b = a.detach(), b.detach()
+        if self.polish > 0:
+            stages = (0, 0, self.polish) if self.third else (0, self.polish)
+            fit = fit_moments(model, target, n_starts=1, iterations=stages, init=(a, b))
+            a, b = fit.coeffs, fit.view_coeffs
+        with torch.no_grad():
+            loss = float(moment_loss(model, a, b, target, use_m3=self.third))
+        result = MomResult(a, b, self.view_degree, loss, [loss], time.perf_counter() - t)
+        return a, result.distribution, basis.evaluate(a).to(torch.float32), result
 
 
 def _defocus_groups(source: ParticleSource, rows: np.ndarray, ctf: torch.Tensor, n_groups: int):
@@ -290,8 +359,8 @@ def _defocus_groups(source: ParticleSource, rows: np.ndarray, ctf: torch.Tensor,
 
 def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source: ParticleSource, rows: np.ndarray,
                          pixel: float, paths: dict[str, Path], reference: str | None, opts: MomentOptions,
-                         seed: int, overwrite: bool) -> ReconstructionReport:
-    """``--method moments``: full and half-set moment fits, O(3)-aligned half maps, optional reference."""
+                         seed: int, overwrite: bool, learned: bool = False) -> ReconstructionReport:
+    """``--method moments`` (or ``learned``): full and half-set moment fits, O(3)-aligned half maps, optional reference."""
     from cryo_lightning.abinitio.mom import moments_reconstruct
     from cryo_lightning.abinitio.volume_alignment import align_volumes
     from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
@@ -303,18 +372,23 @@ def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source:
     sigma2 = estimate_noise_variance(x)
     groups, reps = (None, None) if ctf is None else _defocus_groups(source, rows, ctf, opts.ctf_groups)
     subsets = torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(x)) % 2)
+    net = LearnedFit(opts.checkpoint, L, opts.polish) if learned else None
+    l_max, bandlimit = (net.l_max, net.bandlimit) if net else (opts.l_max, opts.bandlimit)
     fits = []
     for k, sel in enumerate([torch.ones(len(x), dtype=torch.bool), subsets == 0, subsets == 1]):
         print(f"cryol reconstruct: moment fit {['full set', 'half 1', 'half 2'][k]} ({int(sel.sum())} images)",
               file=sys.stderr)
         sub_groups = None if groups is None else groups[sel]
+        if net is not None:
+            fits.append(net(x[sel], sigma2[sel], reps, sub_groups, torch.Generator().manual_seed(seed + k)))
+            continue
         fits.append(moments_reconstruct(
             x[sel], sigma2[sel], ctfs=reps, groups=sub_groups, l_max=opts.l_max, bandlimit=opts.bandlimit,
-            view_degree=opts.view_degree, n_starts=opts.starts, iterations=opts.iterations,
+            view_degree=opts.view_degree, n_starts=opts.starts, iterations=opts.iterations, hops=opts.hops,
             generator=torch.Generator().manual_seed(seed + k)))
-    basis = SphericalFourierBesselBasis(L, l_max=opts.l_max, bandlimit=opts.bandlimit)
+    basis = SphericalFourierBesselBasis(L, l_max=l_max, bandlimit=bandlimit)
     coeffs, dist, _, result = fits[0]
-    report = ReconstructionReport(str(paths["map"]), "", len(x), L, pixel, method="moments",
+    report = ReconstructionReport(str(paths["map"]), "", len(x), L, pixel, method="learned" if learned else "moments",
                                   moment_loss=result.loss, viewing_coefficients=dist.coeffs.tolist())
     curves = {}
     if reference:
@@ -344,7 +418,7 @@ def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source:
     for k, half in enumerate(halves, 1):
         write_map(paths[f"half{k}"], half, pixel, overwrite=overwrite)
     _fsc_plot(paths["png"], curves, L, pixel)
-    report.seconds = {"moments": round(time.perf_counter() - t, 2)}
+    report.seconds = {"learned" if learned else "moments": round(time.perf_counter() - t, 2)}
     return report
 
 
@@ -379,20 +453,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lam", type=float, default=1e-2, help="Tikhonov weight of the least-squares reconstruction")
     p.add_argument("--iterations", type=int, default=30, help="conjugate-gradient iterations")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the half-map split")
-    p.add_argument("--l-max", type=int, default=6, help="moments: SFB degree of the map")
-    p.add_argument("--bandlimit", type=float, default=0.3, help="moments: band limit, cycles/pixel")
-    p.add_argument("--view-degree", type=int, default=4, help="moments: even degree of the viewing distribution")
+    p.add_argument("--l-max", type=int, default=3, help="moments: SFB degree of the map")
+    p.add_argument("--bandlimit", type=float, default=0.25, help="moments: band limit, cycles/pixel")
+    p.add_argument("--view-degree", type=int, default=8, help="moments: even degree of the viewing distribution")
     p.add_argument("--ctf-groups", type=int, default=4, help="moments: defocus groups")
-    p.add_argument("--starts", type=int, default=3, help="moments: random starts of the fit")
+    p.add_argument("--starts", type=int, default=2, help="moments: random starts of the fit")
     p.add_argument("--fit-iterations", type=int, nargs="+", default=[50, 200, 300],
                    help="moments: L-BFGS iterations of the M1, M1+M2 and M1+M2+M3 stages")
+    p.add_argument("--hops", type=int, default=30,
+                   help="moments: block basin hops after the best start (0: none); each costs about two fits' stages")
+    p.add_argument("--checkpoint", type=str | None, default=None,
+                   help="learned: ReconstructTask checkpoint (box, l_max, band limit and viewing degree come from it)")
+    p.add_argument("--polish", type=int, default=100,
+                   help="learned: L-BFGS iterations of the moment loss after the network (0: network only)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     report = reconstruct_particles(
         args.star, args.out, args.method, args.box, args.max_images, args.class_average, args.n_classes,
         args.n_neighbors, args.denoiser, args.set_size, args.reference, args.n_angles, args.max_radius, args.lam,
         args.iterations, args.datadir, args.pixel_size, parse_assume(args.assume), args.device, args.overwrite,
         args.seed, MomentOptions(args.l_max, args.bandlimit, args.view_degree, args.ctf_groups, args.starts,
-                                 tuple(args.fit_iterations)))
+                                 tuple(args.fit_iterations), args.hops, args.checkpoint, args.polish))
     print(f"Wrote {report.map} ({report.n_images} images, box {report.box}, {report.pixel_size:.3f} A/px), "
           f"{report.star or 'the half maps'} and the FSC plot")
     if report.moment_loss is not None:

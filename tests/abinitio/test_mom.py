@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from cryo_lightning.abinitio.mom import fit_moments, moment_loss, moments_reconstruct
+from cryo_lightning.abinitio.mom import fit_moments, hop_blocks, moment_loss, moments_reconstruct, whitening_scales
 from cryo_lightning.abinitio.moment_model import MomentModel, slice_images
 from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout
 from cryo_lightning.abinitio.volume_alignment import align_volumes
@@ -73,3 +74,42 @@ def test_moments_reconstruct_end_to_end():
     assert volume.shape == (L, L, L) and volume.dtype == torch.float32
     assert distribution.degree == 2
     assert math.isfinite(result.loss) and result.loss < 0.05
+
+
+def test_hop_blocks_cover_the_odd_degrees_then_each_degree():
+    layout = SphericalFourierBesselBasis(16, l_max=4).layout
+    blocks = dict(hop_blocks(layout))
+    degree = layout.lsm()[:, 0]
+    assert list(blocks) == ["odd", "l=1", "l=2", "l=3", "l=4"]
+    assert torch.equal(blocks["odd"], (degree == 1) | (degree == 3))
+    for l in range(1, 5):
+        assert int(blocks[f"l={l}"].sum()) == layout.radial_counts[l] * (2 * l + 1)
+    assert [name for name, _ in hop_blocks(SphericalFourierBesselBasis(16, l_max=2).layout)] == ["l=1", "l=2"]
+
+
+def test_basin_hops_only_keep_improvements_and_report_the_returned_state():
+    g = torch.Generator().manual_seed(0)
+    L, l_max = 16, 3
+    basis = SphericalFourierBesselBasis(L, l_max=l_max)
+    model = MomentModel(basis, MomentLayout(L, l_max), 4, third=True)
+    a = basis.expand(random_molecule(L, g, dtype=torch.float64))
+    dist = SHViewingDistribution.random(4, generator=g)
+    with torch.no_grad():
+        m1, m2, m3 = model.with_third(a, dist.coeffs)
+    one = torch.ones(1, dtype=torch.float64)
+    target = ImageMoments(m1, m2, one, 0 * one, m3)
+    odd = dict(hop_blocks(basis.layout))["odd"]
+    start = a.clone()
+    start[odd] = torch.randn(int(odd.sum()), generator=g, dtype=torch.float64) * a[odd].norm() / odd.sum().sqrt()
+    kwargs = dict(n_starts=1, iterations=(0, 0, 40), init=(start, dist.coeffs), whiten=True, hop_iterations=40)
+    plain = fit_moments(model, target, **kwargs)
+    hopped = fit_moments(model, target, hops=1, generator=torch.Generator().manual_seed(7), **kwargs)
+    assert plain.hops_accepted == 0 and plain.hop_losses == []
+    assert len(hopped.hop_losses) == 1
+    assert hopped.loss <= plain.loss
+    assert hopped.loss == min([plain.loss] + hopped.hop_losses)  # the same staged fit, then the best hop
+    again = float(moment_loss(model, hopped.coeffs, hopped.view_coeffs, target, use_m3=True,
+                              scales=whitening_scales(target)))
+    assert again == pytest.approx(hopped.loss, rel=1e-9)
+    # the first hop redraws the odd degrees (the corrupted block) and lands lower: it is kept
+    assert hopped.hops_accepted == 1 and hopped.loss < plain.loss

@@ -53,7 +53,7 @@ def test_method_of_moments_writes_aligned_half_maps_and_report(simulated, tmp_pa
     before = _digest([star, simulated / "particles.mrcs"])
     out = tmp_path / "mom" / "map.mrc"
     main(["reconstruct", "--star", str(star), "--out", str(out), "--method", "moments", "--box", "16",
-          "--l-max", "2", "--view-degree", "2", "--starts", "1", "--fit-iterations", "10", "20", "20",
+          "--l-max", "2", "--view-degree", "2", "--starts", "1", "--fit-iterations", "10", "20", "20", "--hops", "2",
           "--reference", str(simulated / "volume.mrc"), "--device", "cpu"])
     assert _digest([star, simulated / "particles.mrcs"]) == before
     for suffix in (".mrc", "_fsc.png", "_fsc.json", "_half1.mrc", "_half2.mrc"):
@@ -99,3 +99,36 @@ def test_real_stack_with_class_averages_runs_end_to_end(shared_data, tmp_path):
     written = starfile.read(tmp_path / "toy" / "map.star")
     particles = written["particles"] if isinstance(written, dict) else written
     assert len(particles) == 60 and particles["rlnImageName"].str.contains("toy_images").all()
+
+
+def test_learned_method_loads_a_reconstructor_checkpoint(simulated, tmp_path, capsys):
+    import lightning.pytorch as pl
+
+    from cryo_lightning.data.moment_examples import MomentDataModule
+    from cryo_lightning.tasks.reconstruct import ReconstructTask
+
+    pl.seed_everything(0)
+    dm = MomentDataModule(box=16, l_max=2, bandlimit=0.3, view_degree=2, batch_size=2, n_train_molecules=2,
+                          n_val_molecules=1, train_examples=2, val_examples=1, defocus_um=[])
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(ReconstructTask(steps=2, channels=4), datamodule=dm)
+    ckpt = tmp_path / "reconstructor.ckpt"
+    trainer.save_checkpoint(ckpt)
+    star = simulated / "particles.star"
+    out = tmp_path / "learned" / "map.mrc"
+    main(["reconstruct", "--star", str(star), "--out", str(out), "--method", "learned", "--box", "16",
+          "--checkpoint", str(ckpt), "--polish", "5", "--reference", str(simulated / "volume.mrc"), "--device", "cpu"])
+    for suffix in (".mrc", "_fsc.png", "_fsc.json", "_half1.mrc", "_half2.mrc"):
+        assert (tmp_path / "learned" / f"map{suffix}").is_file(), suffix
+    report = json.loads((tmp_path / "learned" / "map_fsc.json").read_text())
+    assert report["method"] == "learned" and np.isfinite(report["moment_loss"])
+    assert len(report["viewing_coefficients"]) == 6 and 0 <= report["aligned_relative_error"] <= 1.0
+    with mrcfile.open(out) as m:
+        assert m.data.shape == (16, 16, 16) and np.isfinite(m.data).all()
+    # the box must be the checkpoint's, and the checkpoint is required
+    for extra, message in ((["--checkpoint", str(ckpt), "--box", "32"], "--box 16"), ([], "--checkpoint")):
+        with pytest.raises(SystemExit):
+            main(["reconstruct", "--star", str(star), "--out", str(tmp_path / f"x{len(extra)}.mrc"),
+                  "--method", "learned", *extra])
+        assert message in capsys.readouterr().err
