@@ -9,7 +9,8 @@ held-out molecule (``random_molecule`` with seed 1000, not used by any test).
 1. Forward model vs Monte Carlo: relative error of the empirical M1, M2 and M3 slice of N = 10^3, 10^4,
    10^5 clean images (pixel pipeline of ``abinitio/moment_model.py``) against the model, with the
    Monte-Carlo standard error predicted from the samples; the error should fall like 1/sqrt(N).
-2. Debiasing at SNR 1/10: relative error of the debiased (and raw) M2 and M3 against the model.
+2. Debiasing at SNR 0.3, 1/10 and 0.03 (``--snrs``): relative error of the debiased (and raw) M1,
+   M2 and M3 against the model as N grows.
 3. Classical solver (``fit_moments``, ``--starts`` random starts then ``--hops`` block basin
    hops): from exact moments and from the noisy moments of 10^4 and 10^5 images, with M1 + M2
    only and with the M3 stage plus the whitened stage; aligned relative coefficient error (O(3)),
@@ -138,6 +139,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--mc-sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     p.add_argument("--noisy-sizes", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--snrs", type=float, nargs="+", default=[0.3, 0.1, 0.03], help="SNRs of the debiasing table")
     p.add_argument("--starts", type=int, default=2)
     p.add_argument("--hops", type=int, default=30, help="block basin hops after the best start")
     p.add_argument("--more-seeds", type=int, nargs="*", default=[1001, 1002, 1003],
@@ -171,12 +173,18 @@ def main() -> None:
     noisy, sigma2 = noisy_moments(sim, a, dist, args.noisy_sizes, snr, g)
     m1, m2, m3 = model.with_third(a, dist.coeffs)
     results["debias"] = []
-    for n, mom in sorted(noisy.items()):
-        raw = [b + sigma2 * torch.eye(b.shape[-1], dtype=b.dtype) for b in mom.m2]
-        row = {"N": n, "snr": snr, "rel_err_M1": rel([mom.m1], [m1]), "rel_err_M2_debiased": rel(mom.m2, m2),
-               "rel_err_M2_raw": rel(raw, m2), "rel_err_M3_debiased": rel(mom.m3, m3)}
-        results["debias"].append(row)
-        print(f"debias N={n}: M2 debiased {row['rel_err_M2_debiased']:.3f} raw {row['rel_err_M2_raw']:.3f}")
+    # SNR 1/10 first (its moments feed the solver), then the other SNRs from their own generator
+    gs = torch.Generator().manual_seed(args.seed + 77)
+    by_snr = [(snr, noisy, sigma2)] + [(x, *noisy_moments(sim, a, dist, args.noisy_sizes, x, gs))
+                                       for x in args.snrs if x != snr]
+    for snr_i, moms, var in by_snr:
+        for n, mom in sorted(moms.items()):
+            raw = [b + var * torch.eye(b.shape[-1], dtype=b.dtype) for b in mom.m2]
+            row = {"N": n, "snr": snr_i, "rel_err_M1": rel([mom.m1], [m1]), "rel_err_M2_debiased": rel(mom.m2, m2),
+                   "rel_err_M2_raw": rel(raw, m2), "rel_err_M3_debiased": rel(mom.m3, m3)}
+            results["debias"].append(row)
+            print(f"debias SNR {snr_i:g} N={n}: M2 debiased {row['rel_err_M2_debiased']:.3f} "
+                  f"raw {row['rel_err_M2_raw']:.3f}")
 
     one = torch.ones(2, dtype=torch.float64)
     exact = ImageMoments(m1.detach(), [x.detach() for x in m2], one, 0 * one, [x.detach() for x in m3])
@@ -254,10 +262,10 @@ def markdown(r: dict) -> str:
                      f"{row.get('predicted_M1', float('nan')):.2e} | {row.get('predicted_M2', float('nan')):.2e} |")
     lines += ["", "Predicted: the standard error of the sample means, estimated from the samples "
               "(for N > 10^4 extrapolated from 10^4 as 1/sqrt(N)).",
-              "", "## Noise debiasing, SNR 1/10", "", "| N | rel. err. M1 | M2 debiased | M2 raw | M3 slice debiased |",
-              "|---|---|---|---|---|"]
-    for row in r["debias"]:
-        lines.append(f"| {row['N']} | {row['rel_err_M1']:.3f} | {row['rel_err_M2_debiased']:.3f} | "
+              "", "## Noise debiasing", "", "| SNR | N | rel. err. M1 | M2 debiased | M2 raw | M3 slice debiased |",
+              "|---|---|---|---|---|---|"]
+    for row in sorted(r["debias"], key=lambda x: (-x["snr"], x["N"])):
+        lines.append(f"| {row['snr']:g} | {row['N']} | {row['rel_err_M1']:.3f} | {row['rel_err_M2_debiased']:.3f} | "
                      f"{row['rel_err_M2_raw']:.3f} | {row['rel_err_M3_debiased']:.3f} |")
     lines += ["", "## Classical solver", "",
               "| moments | terms | final loss | aligned rel. err. (coefficients) | viewing rel. err. | min FSC below band limit | time (s) |",

@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cryo_lightning.abinitio.mom import moment_loss, power_matched_start
 from cryo_lightning.abinitio.moment_model import MomentModel
@@ -44,7 +44,11 @@ class _ExampleStream(IterableDataset):
         return self.n
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for i in range(self.n):
+        # With loader workers each takes every num_workers-th example; the workers persist, so
+        # each one's copy of ``epoch`` advances with the epochs.
+        info = get_worker_info()
+        first, step = (0, 1) if info is None else (info.id, info.num_workers)
+        for i in range(first, self.n, step):
             yield self.make(self.epoch, i)
         self.epoch += 1
 
@@ -71,6 +75,9 @@ class MomentDataModule(pl.LightningDataModule):
         n_train_molecules, n_val_molecules: molecules in the train and val banks.
         train_examples, val_examples: examples per epoch (train examples differ between epochs).
         seed: base seed of molecules and examples.
+        num_workers: loader processes simulating examples in parallel (moments of ``n_images``
+            noisy images cost about as much as the network step); each example is made once
+            whatever the count, and is the same as with ``0``.
 
     Each example is a dict: ``coeffs (count,)``, ``view_coeffs (b_count,)``, ``moments``
     (:class:`ImageMoments`), ``start (count,)``, ``view_start (b_count,)``, all float64.
@@ -79,11 +86,12 @@ class MomentDataModule(pl.LightningDataModule):
     def __init__(self, box: int = 16, l_max: int = 2, bandlimit: float = 0.5, view_degree: int = 2,
                  n_images: int | None = None, snr: float = 0.1, defocus_um: list[float] | None = None,
                  pixel_size: float = 3.0, third: bool = True, batch_size: int = 4, n_train_molecules: int = 256,
-                 n_val_molecules: int = 8, train_examples: int = 1024, val_examples: int = 8, seed: int = 0) -> None:
+                 n_val_molecules: int = 8, train_examples: int = 1024, val_examples: int = 8, seed: int = 0,
+                 num_workers: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.view_degree, self.n_images, self.snr, self.third = int(view_degree), n_images, float(snr), bool(third)
-        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.batch_size, self.seed, self.num_workers = int(batch_size), int(seed), int(num_workers)
         self.basis = SphericalFourierBesselBasis(box, l_max=l_max, bandlimit=bandlimit)
         self.layout = MomentLayout(box, l_max, bandlimit=bandlimit)
         defocus = [1.0, 2.0] if defocus_um is None else list(defocus_um)
@@ -139,7 +147,8 @@ class MomentDataModule(pl.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         stream = _ExampleStream(lambda epoch, i: self.example(split, epoch if split == "train" else 0, i),
                                 self.sizes[split])
-        return DataLoader(stream, batch_size=self.batch_size, collate_fn=_as_list)
+        return DataLoader(stream, batch_size=self.batch_size, collate_fn=_as_list, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

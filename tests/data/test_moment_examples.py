@@ -59,3 +59,19 @@ def test_loaders_yield_lists_of_examples(dm):
     assert [len(b) for b in batches] == [2, 2]
     assert set(batches[0][0]) == {"coeffs", "view_coeffs", "moments", "start", "view_start"}
     assert len(list(dm.val_dataloader())) == 1
+
+
+def test_loader_workers_make_each_example_once_and_advance_epochs():
+    kwargs = dict(box=16, l_max=2, view_degree=2, batch_size=1, n_train_molecules=4, n_val_molecules=2,
+                  train_examples=4, val_examples=2)
+    serial = MomentDataModule(**kwargs)
+    parallel = MomentDataModule(**kwargs, num_workers=2)
+
+    def key(ex):
+        return tuple(ex["view_coeffs"].tolist())
+
+    loader = parallel.train_dataloader()
+    epochs = [sorted(key(b[0]) for b in loader) for _ in range(2)]
+    for epoch, seen in enumerate(epochs):
+        assert seen == sorted(key(serial.example("train", epoch, i)) for i in range(4))
+    assert epochs[0] != epochs[1]  # persistent workers move on to the next epoch's draws
