@@ -1,136 +1,99 @@
-"""Learned moment reconstructor vs the classical solver, CPU-sized and from exact moments (preliminary).
+"""Learned moment reconstructor vs the classical solver on held-out molecules, from a trained checkpoint.
 
-Setting: L = 16, SFB ``l_max = 2``, band limit 0.5 (63 coefficients), viewing degree 2, no CTF,
-exact M1, M2 and M3 slice of procedural molecules (``random_molecule``; training seeds
-``1000 i + j``, held-out seeds from 10^7) under random non-uniform viewing distributions
-(``SHViewingDistribution.random``). Both methods start from the same random start (white
-coefficients scaled to the target's ``tr M2``, uniform viewing distribution).
+    cryol fit --config configs/reconstructor_cpu.yaml
+    python benchmarks/reconstructor.py --checkpoint runs/reconstructor_cpu/checkpoints/last.ckpt
 
-- Learned: :class:`~cryo_lightning.models.reconstructor.MomentReconstructor` (``--unroll``
-  steps, ``--channels`` per degree), trained here with Adam on the O(3)-aligned relative volume
-  error plus 0.1 x the moment loss of the output, ``--steps`` batches of ``--batch`` molecules
-  (the loss of ``tasks/reconstruct.py``; ``configs/reconstructor_cpu.yaml`` trains the same network).
-- Classical: ``fit_moments`` with stages (50, 200, 300) and the whitened stage, one start.
+Setting: the checkpoint's :class:`~cryo_lightning.data.moment_examples.MomentDataModule` (box,
+SFB ``l_max``, band limit, viewing degree, CTF groups, third-moment slice). Held-out molecules:
+the datamodule's test bank (never used in training or validation), each under a random
+non-uniform viewing distribution, with exact moments or the debiased moments of ``N`` simulated
+noisy CTF images at ``--snr``, for every ``N`` of ``--n-images``.
 
-Reported: aligned relative coefficient error and time per reconstruction on held-out molecules.
+- Learned: :class:`~cryo_lightning.tools.reconstruct.LearnedFit` (the network of ``cryol
+  reconstruct --method learned``) from a power-matched white start, alone and followed by
+  ``--polish`` L-BFGS iterations of the moment loss.
+- Classical: ``fit_moments`` with ``--starts`` random starts, stages (50, 200, 300) and the
+  whitened stage, then ``--hops`` block basin hops (the ``cryol reconstruct --method moments``
+  defaults).
 
-    python benchmarks/reconstructor.py       # writes benchmarks/results/reconstructor.{json,md}
+Reported: O(3)-aligned relative coefficient error and seconds per reconstruction, per molecule
+and as medians per N, in ``benchmarks/results/reconstructor.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
-import math
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from cryo_lightning.abinitio.mom import fit_moments, moment_loss
-from cryo_lightning.abinitio.moment_model import MomentModel
-from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout
+from cryo_lightning.abinitio.mom import fit_moments
 from cryo_lightning.abinitio.volume_alignment import align_volumes
-from cryo_lightning.models.reconstructor import MomentReconstructor
-from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
-from cryo_lightning.physics.viewing_sh import SHViewingDistribution
-from cryo_lightning.physics.volumes import random_molecule
+from cryo_lightning.data.moment_examples import MomentDataModule
+from cryo_lightning.tools.reconstruct import LearnedFit
 
 ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("learned", "learned + polish", "classical")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=600, help="training batches")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--unroll", type=int, default=8)
-    p.add_argument("--channels", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--held-out", type=int, default=6)
+    p.add_argument("--checkpoint", type=Path, required=True, help="ReconstructTask checkpoint (cryol fit)")
+    p.add_argument("--molecules", type=int, default=4, help="held-out molecules (test bank)")
+    p.add_argument("--n-images", nargs="+", default=["exact", "1000", "10000", "100000"],
+                   help="'exact' or image counts for the moments")
+    p.add_argument("--snr", type=float, default=0.1)
+    p.add_argument("--polish", type=int, default=100, help="L-BFGS iterations after the network")
+    p.add_argument("--starts", type=int, default=2)
+    p.add_argument("--hops", type=int, default=30)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reconstructor")
     args = p.parse_args()
-    L, l_max, bandlimit, degree = 16, 2, 0.5, 2
-    torch.manual_seed(0)
-    basis = SphericalFourierBesselBasis(L, l_max=l_max, bandlimit=bandlimit)
-    model = MomentModel(basis, MomentLayout(L, l_max, bandlimit=bandlimit), degree, third=True)
-    one = torch.ones(1, dtype=torch.float64)
-
-    def trace(m2: list[torch.Tensor]) -> float:
-        return float(sum(torch.diagonal(t, dim1=-2, dim2=-1).real.sum() for t in m2))
-
-    def example(seed: int):
-        g = torch.Generator().manual_seed(seed)
-        a = basis.expand(random_molecule(L, g, dtype=torch.float64))
-        b = SHViewingDistribution.random(degree, generator=g).coeffs
-        with torch.no_grad():
-            m1, m2, m3 = model.with_third(a, b)
-            a0 = torch.randn(a.numel(), generator=g, dtype=torch.float64)
-            b0 = torch.zeros_like(b)
-            b0[0] = 1.0
-            a0 = a0 * math.sqrt(trace(m2) / trace(model(a0, b0)[1]))
-        return a, b, ImageMoments(m1, m2, one, 0 * one, m3), a0, b0
-
-    net = MomentReconstructor(basis.layout.irreps(), degree, steps=args.unroll, channels=args.channels).double()
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    t0 = time.perf_counter()
-    curve = []
-    for it in range(args.steps):
-        total, errs = 0.0, []
-        for j in range(args.batch):
-            a, _, target, a0, b0 = example(1000 * it + j)
-
-            def loss_fn(x, y, t=target):
-                return moment_loss(model, x, y, t, use_m3=True)
-
-            out, b_out = net(a0[None], b0[None], loss_fn)
-            truth = align_volumes(basis, out[0].detach(), a, n_grid=1000).aligned  # truth in the output's frame
-            err = (out[0] - truth).norm() / a.norm()
-            total = total + err**2 + 0.1 * loss_fn(out[0], b_out[0])
-            errs.append(float(err.detach()))
-        opt.zero_grad()
-        (total / args.batch).backward()
-        opt.step()
-        curve.append(statistics.mean(errs))
-        if it % 50 == 0:
-            print(f"step {it}: train error {curve[-1]:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    train_seconds = time.perf_counter() - t0
-
+    settings = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
+    fit = LearnedFit(str(args.checkpoint), int(settings["box"]), polish=args.polish)
+    accepted = set(inspect.signature(MomentDataModule).parameters)
+    base = {k: v for k, v in fit.settings.items() if k in accepted}
     rows = []
-    for s in range(args.held_out):
-        a, _, target, a0, b0 = example(10**7 + s)
+    for n in args.n_images:
+        dm = MomentDataModule(**{**base, "n_images": None if n == "exact" else int(n), "snr": args.snr,
+                                 "n_test_molecules": args.molecules})
+        stages = (50, 200, 300) if dm.third else (50, 400)
+        for i in range(args.molecules):
+            ex = dm.example("test", 0, i)
+            model, target, truth = dm.moment_model, ex["moments"], ex["coeffs"]
+            row = {"n_images": n, "molecule": i}
+            for name, polish in (("learned", 0), ("learned + polish", args.polish)):
+                fit.polish = polish
+                t = time.perf_counter()
+                a, _, _ = fit.reconstruct(model, target, torch.Generator().manual_seed(i))  # same start for both
+                row[f"{name} s"] = time.perf_counter() - t
+                row[f"{name} err"] = align_volumes(dm.basis, truth, a).relative_error
+            res = fit_moments(model, target, n_starts=args.starts, iterations=stages, whiten=dm.third,
+                              hops=args.hops, generator=torch.Generator().manual_seed(i + 1))
+            row["classical s"] = res.seconds
+            row["classical err"] = align_volumes(dm.basis, truth, res.coeffs).relative_error
+            rows.append(row)
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
-        def loss_fn(x, y, t=target):
-            return moment_loss(model, x, y, t, use_m3=True)
-
-        t1 = time.perf_counter()
-        out, _ = net(a0[None], b0[None], loss_fn)
-        t_net = time.perf_counter() - t1
-        res = fit_moments(model, target, n_starts=1, iterations=(50, 200, 300), whiten=True, init=(a0, b0))
-        row = {"molecule": s, "start_err": align_volumes(basis, a, a0).relative_error,
-               "learned_err": align_volumes(basis, a, out[0].detach()).relative_error, "learned_s": t_net,
-               "classical_err": align_volumes(basis, a, res.coeffs).relative_error, "classical_s": res.seconds}
-        rows.append(row)
-        print(row, flush=True)
-
-    out = {"setting": {"L": L, "l_max": l_max, "bandlimit": bandlimit, "view_degree": degree, **vars(args),
-                       "out": str(args.out), "threads": torch.get_num_threads()},
-           "train_seconds": train_seconds, "train_curve": curve, "held_out": rows}
+    setting = {k: base.get(k) for k in ("box", "l_max", "bandlimit", "view_degree", "defocus_um", "third")}
+    out = {"setting": {**setting, "checkpoint": str(args.checkpoint), "snr": args.snr, "polish": args.polish,
+                       "starts": args.starts, "hops": args.hops, "threads": torch.get_num_threads()},
+           "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(out, indent=2))
-    med = {k: statistics.median(r[k] for r in rows) for k in ("start_err", "learned_err", "learned_s",
-                                                             "classical_err", "classical_s")}
-    md = [f"# Learned vs classical moment reconstruction (L = {L}, l_max = {l_max}, viewing degree {degree}, "
-          "exact moments with the M3 slice, preliminary)", "",
-          f"Training: {args.steps} batches of {args.batch} molecules, {args.unroll} unrolled steps, "
-          f"{args.channels} channels per degree, {train_seconds:.0f} s on {torch.get_num_threads()} threads; "
-          f"mean training error of the last 50 batches {statistics.mean(curve[-50:]):.3f}.", "",
-          "| held-out molecule | start error | learned error | learned time (s) | classical error | classical time (s) |",
-          "|---|---|---|---|---|---|"]
-    md += [f"| {r['molecule']} | {r['start_err']:.3f} | {r['learned_err']:.3f} | {r['learned_s']:.2f} | "
-           f"{r['classical_err']:.3f} | {r['classical_s']:.1f} |" for r in rows]
-    md += [f"| median | {med['start_err']:.3f} | {med['learned_err']:.3f} | {med['learned_s']:.2f} | "
-           f"{med['classical_err']:.3f} | {med['classical_s']:.1f} |"]
+    md = [f"# Learned vs classical moment reconstruction (box {setting['box']}, l_max {setting['l_max']}, band limit "
+          f"{setting['bandlimit']}, viewing degree {setting['view_degree']}, SNR {args.snr}, "
+          f"{args.molecules} held-out molecules; {torch.get_num_threads()} threads)", "",
+          "Medians over the molecules: aligned relative coefficient error (time per reconstruction, s).", "",
+          "| moments | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    for n in args.n_images:
+        sel = [r for r in rows if r["n_images"] == n]
+        cells = [f"{statistics.median(r[f'{m} err'] for r in sel):.3f} "
+                 f"({statistics.median(r[f'{m} s'] for r in sel):.2f})" for m in METHODS]
+        md.append(f"| {'exact' if n == 'exact' else f'N = {n}'} | " + " | ".join(cells) + " |")
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
 

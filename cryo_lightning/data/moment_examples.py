@@ -72,7 +72,8 @@ class MomentDataModule(pl.LightningDataModule):
         pixel_size: Angstrom per pixel (for the CTF).
         third: include the third-moment slice.
         batch_size: examples per batch.
-        n_train_molecules, n_val_molecules: molecules in the train and val banks.
+        n_train_molecules, n_val_molecules, n_test_molecules: molecules in the train, val and
+            test banks (the test bank serves held-out benchmarks; no loader uses it).
         train_examples, val_examples: examples per epoch (train examples differ between epochs).
         seed: base seed of molecules and examples.
         num_workers: loader processes simulating examples in parallel (moments of ``n_images``
@@ -87,7 +88,7 @@ class MomentDataModule(pl.LightningDataModule):
                  n_images: int | None = None, snr: float = 0.1, defocus_um: list[float] | None = None,
                  pixel_size: float = 3.0, third: bool = True, batch_size: int = 4, n_train_molecules: int = 256,
                  n_val_molecules: int = 8, train_examples: int = 1024, val_examples: int = 8, seed: int = 0,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, n_test_molecules: int = 8) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.view_degree, self.n_images, self.snr, self.third = int(view_degree), n_images, float(snr), bool(third)
@@ -103,7 +104,8 @@ class MomentDataModule(pl.LightningDataModule):
         self.moment_model = MomentModel(self.basis, self.layout, self.view_degree, ctfs=ctfs, third=self.third)
         self.simulator = MomentSimulator(self.basis, self.layout, ctfs, chunk=min(10_000, n_images or 10_000))
         self.banks = {"train": MoleculeBank(box, "train", n_train_molecules, seed),
-                      "val": MoleculeBank(box, "val", n_val_molecules, seed)}
+                      "val": MoleculeBank(box, "val", n_val_molecules, seed),
+                      "test": MoleculeBank(box, "test", n_test_molecules, seed)}
         self.sizes = {"train": int(train_examples), "val": int(val_examples)}
 
     @property
@@ -113,7 +115,7 @@ class MomentDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------------------- examples
     def example(self, split: str, epoch: int, index: int) -> dict[str, Any]:
-        """Example ``index`` of ``split`` in ``epoch`` (the val split ignores ``epoch``)."""
+        """Example ``index`` of ``split`` (train, val or test) in ``epoch`` (the loaders pass 0 for val)."""
         bank = self.banks[split]
         g = torch.Generator().manual_seed(derive_seed(self.seed, SPLITS.index(split), epoch, index))
         a = self.basis.expand(bank[index % len(bank)].to(torch.float64))

@@ -312,12 +312,12 @@ class LearnedFit:
         self.task = ReconstructTask.load_from_checkpoint(path, map_location="cpu").eval()
         self.l_max, self.bandlimit = int(settings["l_max"]), float(settings["bandlimit"])
         self.view_degree, self.third = int(settings["view_degree"]), bool(settings.get("third", True))
-        self.polish = int(polish)
+        self.polish, self.settings = int(polish), dict(settings)
 
     def __call__(self, images: torch.Tensor, noise_variance: torch.Tensor, ctfs: torch.Tensor | None,
                  groups: torch.Tensor | None, generator: torch.Generator):
         """Same contract as :func:`~cryo_lightning.abinitio.mom.moments_reconstruct`."""
-        from cryo_lightning.abinitio.mom import MomResult, fit_moments, moment_loss, power_matched_start
+        from cryo_lightning.abinitio.mom import MomResult
         from cryo_lightning.abinitio.moment_model import MomentModel
         from cryo_lightning.abinitio.moments import MomentLayout, estimate_moments
         from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
@@ -330,9 +330,25 @@ class LearnedFit:
         target = estimate_moments(images, layout, groups=groups, noise_variance=noise_variance, n_groups=n_groups,
                                   third=self.third)
         model = MomentModel(basis, layout, self.view_degree, ctfs=ctfs, third=self.third)
+        a, b, loss = self.reconstruct(model, target, generator)
+        result = MomResult(a, b, self.view_degree, loss, [loss], time.perf_counter() - t)
+        return a, result.distribution, basis.evaluate(a).to(torch.float32), result
+
+    def reconstruct(self, model, target, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(a, b, moment loss)`` from moments: random start, the network, then the polish.
+
+        Args:
+            model: :class:`~cryo_lightning.abinitio.moment_model.MomentModel` of the checkpoint's
+                basis and viewing degree, with the target's CTF groups.
+            target: :class:`~cryo_lightning.abinitio.moments.ImageMoments` (with ``m3`` if the
+                checkpoint uses the third-moment slice).
+            generator: seeds the start.
+        """
+        from cryo_lightning.abinitio.mom import fit_moments, moment_loss, power_matched_start
+
         b0 = torch.zeros(model.b_count, dtype=torch.float64)
         b0[0] = 1.0
-        a0 = power_matched_start(model, target, torch.randn(basis.layout.count, generator=generator,
+        a0 = power_matched_start(model, target, torch.randn(model.basis.layout.count, generator=generator,
                                                             dtype=torch.float64), b0)
         with torch.enable_grad():
             a, b = self.task(a0, b0, lambda x, y: moment_loss(model, x, y, target, use_m3=self.third))
@@ -343,8 +359,7 @@ class LearnedFit:
             a, b = fit.coeffs, fit.view_coeffs
         with torch.no_grad():
             loss = float(moment_loss(model, a, b, target, use_m3=self.third))
-        result = MomResult(a, b, self.view_degree, loss, [loss], time.perf_counter() - t)
-        return a, result.distribution, basis.evaluate(a).to(torch.float32), result
+        return a, b, loss
 
 
 def _defocus_groups(source: ParticleSource, rows: np.ndarray, ctf: torch.Tensor, n_groups: int):

@@ -75,3 +75,10 @@ def test_loader_workers_make_each_example_once_and_advance_epochs():
     for epoch, seen in enumerate(epochs):
         assert seen == sorted(key(serial.example("train", epoch, i)) for i in range(4))
     assert epochs[0] != epochs[1]  # persistent workers move on to the next epoch's draws
+
+
+def test_test_bank_holds_molecules_outside_train_and_val(dm):
+    test = dm.example("test", 0, 0)["coeffs"]
+    for split, n in (("train", 4), ("val", 2)):
+        for i in range(n):
+            assert not torch.allclose(dm.example(split, 0, i)["coeffs"], test)
