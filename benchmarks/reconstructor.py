@@ -52,8 +52,7 @@ def main() -> None:
     p.add_argument("--hops", type=int, default=30)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reconstructor")
     args = p.parse_args()
-    settings = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
-    fit = LearnedFit(str(args.checkpoint), int(settings["box"]), polish=args.polish)
+    fit = LearnedFit(str(args.checkpoint), polish=args.polish)
     accepted = set(inspect.signature(MomentDataModule).parameters)
     base = {k: v for k, v in fit.settings.items() if k in accepted}
     rows = []

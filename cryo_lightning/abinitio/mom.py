@@ -60,8 +60,8 @@ from cryo_lightning.physics.fourier_bessel import SFBLayout, SphericalFourierBes
 from cryo_lightning.physics.spherical_harmonics import sphere_quadrature
 from cryo_lightning.physics.viewing_sh import SHViewingDistribution
 
-__all__ = ["moment_loss", "whiten_moments", "power_matched_start", "whitening_scales", "MomResult", "hop_blocks",
-           "fit_moments", "moments_reconstruct"]
+__all__ = ["moment_loss", "whiten_moments", "power_matched_start", "uniform_view_start", "moment_problem",
+           "whitening_scales", "MomResult", "hop_blocks", "fit_moments", "moments_reconstruct"]
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +142,35 @@ def power_matched_start(model: MomentModel, target: ImageMoments, a: torch.Tenso
     with torch.no_grad():
         now = power(model(a, b)[1])
     return a * math.sqrt(max(power(target.m2), 1e-300) / max(now, 1e-300))
+
+
+def uniform_view_start(model: MomentModel, target: ImageMoments, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rotation-invariant start: white ``a`` (:func:`power_matched_start`), uniform viewing distribution.
+
+    Returns:
+        ``a0 (count,)``, ``b0 (b_count,)`` float64 on the CPU, ``b0 = (1, 0, ..., 0)``.
+    """
+    b0 = torch.zeros(model.b_count, dtype=torch.float64)
+    b0[0] = 1.0
+    a0 = torch.randn(model.basis.layout.count, generator=generator, dtype=torch.float64)
+    return power_matched_start(model, target, a0, b0), b0
+
+
+def moment_problem(images: torch.Tensor, noise_variance: float | torch.Tensor, ctfs: torch.Tensor | None,
+                   groups: torch.Tensor | None, l_max: int, bandlimit: float, view_degree: int, third: bool,
+                   device: torch.device | str | None = None
+                   ) -> tuple[SphericalFourierBesselBasis, MomentModel, ImageMoments]:
+    """Basis, forward model and debiased moments of particle images (arguments as in :func:`moments_reconstruct`)."""
+    L = images.shape[-1]
+    layout = MomentLayout(L, l_max, bandlimit=bandlimit, device=device)
+    basis = SphericalFourierBesselBasis(L, l_max=l_max, bandlimit=bandlimit, device=device)
+    n_groups = 1 if ctfs is None else ctfs.shape[0]
+    if n_groups > 1 and groups is None:
+        raise ValueError("groups are required with more than one CTF")
+    target = estimate_moments(images, layout, groups=groups, noise_variance=noise_variance, n_groups=n_groups,
+                              third=third)
+    return basis, MomentModel(basis, layout, view_degree, ctfs=ctfs, third=third), target
 
 
 def whitening_scales(target: ImageMoments, floor: float = 1e-6) -> list[torch.Tensor]:
@@ -372,7 +401,7 @@ def fit_moments(
     if hops > 0:
         a, b_rest, loss, best.hops_accepted, best.hop_losses, count = _basin_hop(
             model, target, best.coeffs, best.view_coeffs[1:], hops, hop_iterations, third,
-            scales if whiten else None, rho_table, positivity_weight, m2_weight, generator, hop_tol, verbose, progress)
+            scales, rho_table, positivity_weight, m2_weight, generator, hop_tol, verbose, progress)
         best.coeffs, best.view_coeffs, best.loss = a, torch.cat([b_rest.new_ones(1), b_rest]), loss
         evaluations += count
     best.losses, best.seconds, best.evaluations = losses, time.perf_counter() - t0, evaluations
@@ -412,16 +441,9 @@ def moments_reconstruct(
         ``(coeffs (count,), distribution, volume (L, L, L) float32, result)``; the map's
         orientation and hand are arbitrary.
     """
-    L = images.shape[-1]
-    layout = MomentLayout(L, l_max, bandlimit=bandlimit, device=device)
-    basis = SphericalFourierBesselBasis(L, l_max=l_max, bandlimit=bandlimit, device=device)
-    n_groups = 1 if ctfs is None else ctfs.shape[0]
-    if n_groups > 1 and groups is None:
-        raise ValueError("groups are required with more than one CTF")
     third = len(iterations) > 2 and iterations[2] > 0
-    target = estimate_moments(images, layout, groups=groups, noise_variance=noise_variance, n_groups=n_groups,
-                              third=third)
-    model = MomentModel(basis, layout, view_degree, ctfs=ctfs, third=third)
+    basis, model, target = moment_problem(images, noise_variance, ctfs, groups, l_max, bandlimit, view_degree, third,
+                                          device)
     result = fit_moments(model, target, n_starts=n_starts, iterations=iterations, whiten=whiten, hops=hops,
                          generator=generator, progress=hops > 0)
     volume = basis.evaluate(result.coeffs).to(torch.float32)

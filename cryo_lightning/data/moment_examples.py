@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cryo_lightning.abinitio.mom import moment_loss, power_matched_start
+from cryo_lightning.abinitio.mom import moment_loss, uniform_view_start
 from cryo_lightning.abinitio.moment_model import MomentModel
 from cryo_lightning.abinitio.moment_simulation import MomentSimulator
 from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout
@@ -129,10 +129,7 @@ class MomentDataModule(pl.LightningDataModule):
         else:
             std = self.simulator.noise_std(a, dist, self.snr, g)
             target = self.simulator.moments(a, dist, self.n_images, g, noise_std=std, third=self.third)[self.n_images]
-        b0 = torch.zeros_like(dist.coeffs)
-        b0[0] = 1.0
-        a0 = power_matched_start(self.moment_model, target,
-                                 torch.randn(a.numel(), generator=g, dtype=torch.float64), b0)
+        a0, b0 = uniform_view_start(self.moment_model, target, g)
         return {"coeffs": a, "view_coeffs": dist.coeffs, "moments": target, "start": a0, "view_start": b0}
 
     def loss_fn(self, target: ImageMoments) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -290,13 +290,14 @@ class LearnedFit:
     """``--method learned``: a trained :class:`~cryo_lightning.tasks.reconstruct.ReconstructTask` applied to moments.
 
     The volume basis (``l_max``, band limit), viewing degree and third-moment use come from the
-    checkpoint's datamodule settings; the box must be the one it was trained at. A fit estimates
+    checkpoint's datamodule settings (``settings``); ``box``, when given, must be the one it was
+    trained at. A fit estimates
     the CTF-grouped, noise-debiased moments, draws a start like the training examples (white
     coefficients scaled to ``tr M2``, uniform viewing distribution), runs the network, then
     ``polish`` L-BFGS iterations of the classical moment loss from its output (0: none).
     """
 
-    def __init__(self, checkpoint: str, box: int, polish: int = 100) -> None:
+    def __init__(self, checkpoint: str, box: int | None = None, polish: int = 100) -> None:
         from cryo_lightning.tasks.reconstruct import ReconstructTask
 
         path = Path(checkpoint)
@@ -306,7 +307,7 @@ class LearnedFit:
         if not settings or "l_max" not in settings:
             raise InputError(f"--checkpoint {checkpoint}: not a learned-reconstructor checkpoint (no MomentDataModule "
                              "settings); train one with `cryol fit --config configs/reconstructor_cpu.yaml`")
-        if int(settings["box"]) != box:
+        if box is not None and int(settings["box"]) != box:
             raise InputError(f"--checkpoint {checkpoint} was trained at box {settings['box']}, the particles are at "
                              f"box {box}: run with --box {settings['box']}")
         self.task = ReconstructTask.load_from_checkpoint(path, map_location="cpu").eval()
@@ -317,19 +318,11 @@ class LearnedFit:
     def __call__(self, images: torch.Tensor, noise_variance: torch.Tensor, ctfs: torch.Tensor | None,
                  groups: torch.Tensor | None, generator: torch.Generator):
         """Same contract as :func:`~cryo_lightning.abinitio.mom.moments_reconstruct`."""
-        from cryo_lightning.abinitio.mom import MomResult
-        from cryo_lightning.abinitio.moment_model import MomentModel
-        from cryo_lightning.abinitio.moments import MomentLayout, estimate_moments
-        from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
+        from cryo_lightning.abinitio.mom import MomResult, moment_problem
 
         t = time.perf_counter()
-        L = images.shape[-1]
-        basis = SphericalFourierBesselBasis(L, l_max=self.l_max, bandlimit=self.bandlimit)
-        layout = MomentLayout(L, self.l_max, bandlimit=self.bandlimit)
-        n_groups = 1 if ctfs is None else ctfs.shape[0]
-        target = estimate_moments(images, layout, groups=groups, noise_variance=noise_variance, n_groups=n_groups,
-                                  third=self.third)
-        model = MomentModel(basis, layout, self.view_degree, ctfs=ctfs, third=self.third)
+        basis, model, target = moment_problem(images, noise_variance, ctfs, groups, self.l_max, self.bandlimit,
+                                              self.view_degree, self.third)
         a, b, loss = self.reconstruct(model, target, generator)
         result = MomResult(a, b, self.view_degree, loss, [loss], time.perf_counter() - t)
         return a, result.distribution, basis.evaluate(a).to(torch.float32), result
@@ -344,22 +337,18 @@ class LearnedFit:
                 checkpoint uses the third-moment slice).
             generator: seeds the start.
         """
-        from cryo_lightning.abinitio.mom import fit_moments, moment_loss, power_matched_start
+        from cryo_lightning.abinitio.mom import fit_moments, moment_loss, uniform_view_start
 
-        b0 = torch.zeros(model.b_count, dtype=torch.float64)
-        b0[0] = 1.0
-        a0 = power_matched_start(model, target, torch.randn(model.basis.layout.count, generator=generator,
-                                                            dtype=torch.float64), b0)
+        a0, b0 = uniform_view_start(model, target, generator)
         with torch.enable_grad():
             a, b = self.task(a0, b0, lambda x, y: moment_loss(model, x, y, target, use_m3=self.third))
         a, b = a.detach(), b.detach()
-        if self.polish > 0:
+        if self.polish > 0:  # fit_moments' final loss is the same unwhitened moment loss
             stages = (0, 0, self.polish) if self.third else (0, self.polish)
             fit = fit_moments(model, target, n_starts=1, iterations=stages, init=(a, b))
-            a, b = fit.coeffs, fit.view_coeffs
+            return fit.coeffs, fit.view_coeffs, fit.loss
         with torch.no_grad():
-            loss = float(moment_loss(model, a, b, target, use_m3=self.third))
-        return a, b, loss
+            return a, b, float(moment_loss(model, a, b, target, use_m3=self.third))
 
 
 def _defocus_groups(source: ParticleSource, rows: np.ndarray, ctf: torch.Tensor, n_groups: int):
