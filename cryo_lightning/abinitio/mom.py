@@ -43,6 +43,13 @@ block is separated from the truth by a barrier along the whole vector but not al
 A hop redraws one block (all odd degrees together, then each degree ``l >= 1`` in turn) as white
 noise of the block's current norm, refits that block with the rest held, polishes all unknowns,
 and keeps the result only if the final-stage loss went down.
+
+Priors (MAP). With noisy moments the minimiser of ``L`` is itself off the truth, along the weakly
+determined directions (fits started at the true ``(a, b)`` drift away). ``fit_moments(prior=E, prior_weight=lam)`` minimises
+``L + lam E(a)`` instead, ``E`` a negative log prior density (the learned reconstructor's
+:class:`~cryo_lightning.models.coefficient_prior.CoefficientPrior`). The data term's noise
+scale is :func:`expected_misfit`, the value ``L`` takes at the truth on average, computed from the
+moments' sampling errors, so ``lam`` is set in its units and vanishes for exact moments.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from cryo_lightning.physics.spherical_harmonics import sphere_quadrature
 from cryo_lightning.physics.viewing_sh import SHViewingDistribution
 
 __all__ = ["moment_loss", "whiten_moments", "power_matched_start", "uniform_view_start", "moment_problem",
-           "whitening_scales", "MomResult", "hop_blocks", "fit_moments", "moments_reconstruct"]
+           "whitening_scales", "expected_misfit", "MomResult", "hop_blocks", "fit_moments", "moments_reconstruct"]
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +126,31 @@ def moment_loss(
     if use_m3:
         loss = loss + m3_weight * term(m3, t3)
     return loss
+
+
+def expected_misfit(target: ImageMoments, use_m3: bool = False) -> float:
+    """The moment loss expected at the true ``(a, b)``: the estimates' sampling error in its units.
+
+    Each term of :func:`moment_loss` at the truth is the weighted squared norm of the estimation
+    error over that of the target, so its expectation is
+    ``sum_g w_g E||M_hat_g - M_g||^2 / sum_g w_g ||M_hat_g||^2`` with the errors of
+    :class:`~cryo_lightning.abinitio.moments.ImageMoments` (``m1_error``, ...). 0 for exact moments
+    (no errors recorded). It sets the scale of a prior's weight (:func:`fit_moments`).
+    """
+    if target.m1_error is None:
+        return 0.0
+    w = target.weights
+
+    def term(error: torch.Tensor, blocks: list[torch.Tensor]) -> float:
+        den = sum((w * _sq(b)).sum() for b in blocks)
+        return float((w * error.reshape(w.shape[0], -1).sum(-1)).sum() / den.clamp_min(1e-300))
+
+    value = term(target.m1_error, [target.m1]) + term(target.m2_error, target.m2)
+    if use_m3:
+        if target.m3 is None or target.m3_error is None:
+            raise ValueError("use_m3 needs target moments with m3 (estimate them with third=True)")
+        value += term(target.m3_error, target.m3)
+    return value
 
 
 def whiten_moments(m1: torch.Tensor, m2: list[torch.Tensor], m3: list[torch.Tensor] | None, scales: list[torch.Tensor]
@@ -236,13 +268,14 @@ def _lbfgs(params: list[torch.Tensor], closure, max_iter: int) -> int:
     return count[0]
 
 
-def _closure(model, a, b_rest, target, use_m2, use_m3, m2_weight, scales, rho_table, positivity_weight):
+def _closure(model, a, b_rest, target, use_m2, use_m3, m2_weight, scales, rho_table, positivity_weight,
+             prior=None, prior_weight=0.0):
     def closure() -> torch.Tensor:
         if torch.is_grad_enabled():
             a.grad, b_rest.grad = None, None
         b = torch.cat([b_rest.new_ones(1), b_rest])
         loss = moment_loss(model, a, b, target, use_m2=use_m2, m2_weight=m2_weight, use_m3=use_m3,
-                           scales=scales)
+                           scales=scales) + _prior_term(prior, prior_weight, a)
         neg = torch.relu(-(rho_table @ b))
         loss = loss + positivity_weight * (neg * neg).mean()
         if loss.requires_grad:
@@ -250,6 +283,10 @@ def _closure(model, a, b_rest, target, use_m2, use_m3, m2_weight, scales, rho_ta
         return loss
 
     return closure
+
+
+def _prior_term(prior, weight: float, a: torch.Tensor) -> torch.Tensor | float:
+    return weight * prior(a) if prior is not None and weight > 0 else 0.0
 
 
 def hop_blocks(layout: SFBLayout) -> list[tuple[str, torch.Tensor]]:
@@ -265,14 +302,14 @@ def hop_blocks(layout: SFBLayout) -> list[tuple[str, torch.Tensor]]:
 
 
 def _basin_hop(model, target, a, b_rest, hops, n_iter, use_m3, scales, rho_table, positivity_weight, m2_weight,
-               generator, tol, verbose, progress) -> tuple[torch.Tensor, torch.Tensor, float, int, list[float], int]:
+               generator, tol, verbose, progress, prior=None, prior_weight=0.0) -> tuple[torch.Tensor, torch.Tensor, float, int, list[float], int]:
     """Block basin hopping from ``(a, b_rest)`` (module docstring); returns the best state and its loss."""
     blocks = [(name, m.to(a.device)) for name, m in hop_blocks(model.basis.layout)]
 
     def loss_of(av: torch.Tensor, bv: torch.Tensor) -> float:
         with torch.no_grad():
             return float(moment_loss(model, av, torch.cat([bv.new_ones(1), bv]), target, m2_weight=m2_weight,
-                                     use_m3=use_m3, scales=scales))
+                                     use_m3=use_m3, scales=scales) + _prior_term(prior, prior_weight, av))
 
     best_a, best_b = a.detach().clone(), b_rest.detach().clone()
     best, accepted, history, evaluations = loss_of(best_a, best_b), 0, [], 0
@@ -288,8 +325,9 @@ def _basin_hop(model, target, a, b_rest, hops, n_iter, use_m3, scales, rho_table
         def block_closure() -> torch.Tensor:
             if torch.is_grad_enabled():
                 x.grad = None
-            loss = moment_loss(model, best_a.masked_scatter(m, x), fixed_b, target, m2_weight=m2_weight,
-                               use_m3=use_m3, scales=scales)
+            full = best_a.masked_scatter(m, x)
+            loss = moment_loss(model, full, fixed_b, target, m2_weight=m2_weight, use_m3=use_m3,
+                               scales=scales) + _prior_term(prior, prior_weight, full)
             if loss.requires_grad:
                 loss.backward()
             return loss
@@ -298,7 +336,7 @@ def _basin_hop(model, target, a, b_rest, hops, n_iter, use_m3, scales, rho_table
         new_a = best_a.masked_scatter(m, x.detach()).requires_grad_(True)
         new_b = best_b.clone().requires_grad_(True)
         evaluations += _lbfgs([new_a, new_b], _closure(model, new_a, new_b, target, True, use_m3, m2_weight, scales,
-                                                       rho_table, positivity_weight), n_iter)
+                                                       rho_table, positivity_weight, prior, prior_weight), n_iter)
         loss = loss_of(new_a.detach(), new_b.detach())
         history.append(loss)
         if loss < best:
@@ -326,6 +364,8 @@ def fit_moments(
     hop_tol: float = 0.0,
     verbose: bool = False,
     progress: bool = False,
+    prior=None,
+    prior_weight: float = 0.0,
 ) -> MomResult:
     """Fit ``(a, b)`` to moments: staged L-BFGS from several random starts (module docstring).
 
@@ -347,6 +387,11 @@ def fit_moments(
         hop_tol: stop hopping once the loss is at or below this (exact moments: the truth is at 0).
         verbose: print the loss of every start and hop.
         progress: show a progress bar over the hops (stderr).
+        prior: optional ``a -> scalar`` energy (e.g. the negative log density of a learned
+            Gaussian prior, :class:`~cryo_lightning.models.coefficient_prior.CoefficientPrior`)
+            added to every stage's loss times ``prior_weight``: a MAP fit. Reported losses
+            include it.
+        prior_weight: its factor (0: no prior).
     Returns:
         :class:`MomResult` of the best start.
     """
@@ -388,10 +433,11 @@ def fit_moments(
             use_m2, use_m3 = stage >= 1, stage >= 2 and third
             stage_scales = scales if whiten and stage == len(iterations) - 1 else None
             closure = _closure(model, a, b_rest, target, use_m2, use_m3, m2_weight, stage_scales, rho_table,
-                               positivity_weight)
+                               positivity_weight, prior, prior_weight)
             evaluations += _lbfgs([a, b_rest], closure, n_iter)
         with torch.no_grad():
-            final = float(moment_loss(model, a, full_b(), target, m2_weight=m2_weight, use_m3=third, scales=scales))
+            final = float(moment_loss(model, a, full_b(), target, m2_weight=m2_weight, use_m3=third, scales=scales)
+                          + _prior_term(prior, prior_weight, a))
         losses.append(final)
         if verbose:
             print(f"start {start}: loss {final:.3e}")
@@ -401,7 +447,7 @@ def fit_moments(
     if hops > 0:
         a, b_rest, loss, best.hops_accepted, best.hop_losses, count = _basin_hop(
             model, target, best.coeffs, best.view_coeffs[1:], hops, hop_iterations, third,
-            scales, rho_table, positivity_weight, m2_weight, generator, hop_tol, verbose, progress)
+            scales, rho_table, positivity_weight, m2_weight, generator, hop_tol, verbose, progress, prior, prior_weight)
         best.coeffs, best.view_coeffs, best.loss = a, torch.cat([b_rest.new_ones(1), b_rest]), loss
         evaluations += count
     best.losses, best.seconds, best.evaluations = losses, time.perf_counter() - t0, evaluations

@@ -124,6 +124,10 @@ class ImageMoments:
         noise_variance: ``(G,)`` float64, the mean ``sigma^2`` subtracted (0 if not debiased).
         m3: per ``k``, ``(G, Q_0, Q_k, Q_k)`` complex128, the debiased third-moment slice
             ``M3_k[t]`` (``None`` if not estimated).
+        m1_error, m2_error, m3_error: sampling error of the estimates: the expected squared norm
+            ``E ||M_hat - M||^2`` of ``M1`` ``(G,)``, of each ``M2_k`` ``(G, K)`` and of each
+            ``M3_k`` ``(G, K)``, estimated from the same images (the variance of a mean is the
+            per-image variance over ``n``); ``None`` for exact moments.
     """
 
     m1: torch.Tensor
@@ -131,6 +135,9 @@ class ImageMoments:
     counts: torch.Tensor
     noise_variance: torch.Tensor
     m3: list[torch.Tensor] | None = None
+    m1_error: torch.Tensor | None = None
+    m2_error: torch.Tensor | None = None
+    m3_error: torch.Tensor | None = None
 
     @property
     def weights(self) -> torch.Tensor:
@@ -138,9 +145,13 @@ class ImageMoments:
         return self.counts / self.counts.sum()
 
     def to(self, device: torch.device | str) -> ImageMoments:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return ImageMoments(self.m1.to(device), [b.to(device) for b in self.m2], self.counts.to(device),
                             self.noise_variance.to(device),
-                            None if self.m3 is None else [b.to(device) for b in self.m3])
+                            None if self.m3 is None else [b.to(device) for b in self.m3],
+                            move(self.m1_error), move(self.m2_error), move(self.m3_error))
 
 
 class MomentEstimator:
@@ -167,6 +178,11 @@ class MomentEstimator:
         self._s2 = [torch.zeros(G, q, q, dtype=torch.complex128, device=dev) for q in layout.block_sizes]
         q0 = layout.block_sizes[0]
         self._s3 = [torch.zeros(G, q0, q, q, dtype=torch.complex128, device=dev) for q in layout.block_sizes] if third else None
+        # sums of |c_k|^4 and |c_0|^2 |c_k|^4 per group and block: the squared norms of the
+        # per-image terms of M2_k and M3_k, from which the estimates' sampling errors follow
+        K = len(layout.block_sizes)
+        self._q2 = torch.zeros(G, K, dtype=torch.float64, device=dev)
+        self._q3 = torch.zeros(G, K, dtype=torch.float64, device=dev)
         self._n = torch.zeros(G, dtype=torch.float64, device=dev)
         self._noise = torch.zeros(G, dtype=torch.float64, device=dev)
 
@@ -193,7 +209,11 @@ class MomentEstimator:
         onehot = torch.nn.functional.one_hot(g, self.n_groups).to(torch.float64)  # (n, G)
         self._n += onehot.sum(0)
         self._s1 += onehot.to(c.dtype).T @ c
-        for s2, ck in zip(self._s2, self.layout.split(c)):
+        blocks = self.layout.split(c)
+        power = torch.stack([ck.real.square().sum(-1) + ck.imag.square().sum(-1) for ck in blocks], dim=-1)  # (n, K)
+        self._q2 += onehot.T @ power.square()
+        self._q3 += onehot.T @ (power[:, :1] * power.square())
+        for s2, ck in zip(self._s2, blocks):
             # sum over images of c c^H, per group: (G, n) x (n, Q) x (n, Q)
             s2 += torch.einsum("ng,nq,nr->gqr", onehot.to(c.dtype), ck, ck.conj())
         if self._s3 is not None:
@@ -236,7 +256,19 @@ class MomentEstimator:
                     e = torch.eye(m0.shape[-1], dtype=s3.dtype, device=s3.device)  # e[t, i] = delta_ti
                     bias = bias + e[None, :, :, None] * m0[:, None, None, :] + m0[:, None, :, None] * e[None, :, None, :]
                 m3.append(s3 / n[:, None, None, None] - sigma2[:, None, None, None] * bias)
-        return ImageMoments(m1, m2, n.clone(), sigma2, m3)
+        # sampling errors: E||mean - E||^2 = (E||x||^2 - ||E x||^2) / n for x = c, c_k c_k^H, c_0t c_k c_k^H
+        def sq(t: torch.Tensor) -> torch.Tensor:
+            return (t.real.square() + t.imag.square()).flatten(1).sum(-1)
+
+        raw2 = [s2 / n[:, None, None] for s2 in self._s2]
+        second = sum(torch.diagonal(r, dim1=-2, dim2=-1).real.sum(-1) for r in raw2)  # E||c||^2
+        m1_error = (second - sq(m1)).clamp_min(0) / n
+        m2_error = (self._q2 / n[:, None] - torch.stack([sq(r) for r in raw2], -1)).clamp_min(0) / n[:, None]
+        m3_error = None
+        if self._s3 is not None:
+            raw3 = torch.stack([sq(s3 / n[:, None, None, None]) for s3 in self._s3], -1)
+            m3_error = (self._q3 / n[:, None] - raw3).clamp_min(0) / n[:, None]
+        return ImageMoments(m1, m2, n.clone(), sigma2, m3, m1_error, m2_error, m3_error)
 
 
 def estimate_moments(

@@ -113,6 +113,11 @@ class MomentDataModule(pl.LightningDataModule):
         """e3nn irreps of the volume coefficients."""
         return self.basis.layout.irreps()
 
+    def train_coefficients(self) -> torch.Tensor:
+        """``(M, count)`` float64 SFB coefficients of the training molecules (fits the learned prior)."""
+        bank = self.banks["train"]
+        return torch.stack([self.basis.expand(bank[i].to(torch.float64)) for i in range(len(bank))])
+
     # ----------------------------------------------------------------------------- examples
     def example(self, split: str, epoch: int, index: int) -> dict[str, Any]:
         """Example ``index`` of ``split`` (train, val or test) in ``epoch`` (the loaders pass 0 for val)."""

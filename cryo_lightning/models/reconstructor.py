@@ -40,6 +40,8 @@ from e3nn import nn as e3nn_nn
 from e3nn import o3
 from torch import nn
 
+from cryo_lightning.models.coefficient_prior import CoefficientPrior
+
 __all__ = ["MomentReconstructor", "EquivariantStep", "viewing_irreps"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -105,6 +107,11 @@ class MomentReconstructor(nn.Module):
         channels: hidden multiplicity per degree.
         shared: one step module for all ``K`` steps (otherwise one per step).
 
+    Attributes:
+        prior: a :class:`CoefficientPrior` over the volume coefficients, fitted to the training
+            molecules by the task and saved with the weights; the MAP polish of
+            :class:`~cryo_lightning.tools.reconstruct.LearnedFit` uses it.
+
     Shapes: ``a (B, count)`` float, ``b (B, b_count)`` with ``b[:, 0] = 1``.
     """
 
@@ -120,6 +127,7 @@ class MomentReconstructor(nn.Module):
         self.step_modules = nn.ModuleList(
             EquivariantStep(self.volume_irreps, self.view_degree, channels, self.n_scalars) for _ in range(n_modules)
         )
+        self.prior = CoefficientPrior(self.volume_irreps)
 
     def forward(self, a0: torch.Tensor, b0: torch.Tensor, loss_fn: LossFn,
                 return_path: bool = False) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list]:

@@ -8,7 +8,8 @@ the datamodule (:class:`~cryo_lightning.data.moment_examples.MomentDataModule`).
 
 The network is built from the datamodule's volume irreps in :meth:`configure_model`, which
 records them in the hyperparameters, so ``load_from_checkpoint`` rebuilds it without a
-datamodule.
+datamodule; there its coefficient prior is fitted to the training molecules (a buffer, saved
+with the weights).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ReconstructTask(pl.LightningModule):
             dm = self.trainer.datamodule
             self.hparams.net_irreps, self.hparams.net_view_degree = dm.volume_irreps, dm.view_degree
             self._build(dm.volume_irreps, dm.view_degree)
+            self.net.prior.fit(dm.train_coefficients())
 
     def forward(self, start: torch.Tensor, view_start: torch.Tensor, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
         """``(count,)``, ``(b_count,)`` start -> refined ``(a, b)`` for one example."""

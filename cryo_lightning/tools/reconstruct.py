@@ -20,7 +20,8 @@ background) and fits a spherical Fourier-Bessel volume and a viewing distributio
 before their FSC; no STAR is written (there are no poses), and the fitted viewing distribution
 goes into the JSON report. ``--method learned --checkpoint last.ckpt`` does the same with a
 trained reconstructor network (tasks/reconstruct.py) in place of the random starts, then a short
-polish of the moment misfit.
+polish of the moment misfit plus the network's learned prior on the coefficients (weighted by
+the moments' sampling error), and basin hops only if the misfit stays above the sampling error.
 
 The map's orientation is arbitrary and its hand is undetermined (docs/conventions.md §15).
 With ``--reference`` the input STAR must carry angles (e.g. from ``cryol simulate``): the
@@ -283,7 +284,8 @@ class MomentOptions:
     iterations: tuple[int, ...] = (50, 200, 300)
     hops: int = 30
     checkpoint: str | None = None
-    polish: int = 100
+    polish: int = 200
+    prior_strength: float = 0.1
 
 
 class LearnedFit:
@@ -291,13 +293,21 @@ class LearnedFit:
 
     The volume basis (``l_max``, band limit), viewing degree and third-moment use come from the
     checkpoint's datamodule settings (``settings``); ``box``, when given, must be the one it was
-    trained at. A fit estimates
-    the CTF-grouped, noise-debiased moments, draws a start like the training examples (white
-    coefficients scaled to ``tr M2``, uniform viewing distribution), runs the network, then
-    ``polish`` L-BFGS iterations of the classical moment loss from its output (0: none).
+    trained at. A fit estimates the CTF-grouped, noise-debiased moments and their sampling error
+    ``eps`` (:func:`~cryo_lightning.abinitio.mom.expected_misfit`, the loss expected at the
+    truth), draws a start like the training examples (white coefficients scaled to ``tr M2``,
+    uniform viewing distribution), runs the network, then polishes by ``polish`` L-BFGS
+    iterations of the MAP loss ``L(a, b) + prior_strength * eps * E(a)``, ``E`` the checkpoint's
+    coefficient prior (fitted to its training molecules,
+    :class:`~cryo_lightning.models.coefficient_prior.CoefficientPrior`). Noisier moments lean
+    more on the prior; exact moments (``eps = 0``) not at all. If the polished misfit is still
+    above ``2 eps`` (more than sampling error explains: a wrong basin, and always for exact
+    moments), the classical endgame follows: a whitened stage and ``hops`` block basin hops
+    (:func:`~cryo_lightning.abinitio.mom.fit_moments`).
     """
 
-    def __init__(self, checkpoint: str, box: int | None = None, polish: int = 100) -> None:
+    def __init__(self, checkpoint: str, box: int | None = None, polish: int = 200, prior_strength: float = 0.1,
+                 hops: int = 30) -> None:
         from cryo_lightning.tasks.reconstruct import ReconstructTask
 
         path = Path(checkpoint)
@@ -310,10 +320,16 @@ class LearnedFit:
         if box is not None and int(settings["box"]) != box:
             raise InputError(f"--checkpoint {checkpoint} was trained at box {settings['box']}, the particles are at "
                              f"box {box}: run with --box {settings['box']}")
-        self.task = ReconstructTask.load_from_checkpoint(path, map_location="cpu").eval()
+        try:
+            self.task = ReconstructTask.load_from_checkpoint(path, map_location="cpu").eval()
+        except RuntimeError as err:  # a state dict without the prior's buffers
+            raise InputError(f"--checkpoint {checkpoint}: cannot load the network ({str(err).splitlines()[0]}); "
+                             "it predates the learned coefficient prior: retrain with `cryol fit --config "
+                             "configs/reconstructor_cpu.yaml`") from err
         self.l_max, self.bandlimit = int(settings["l_max"]), float(settings["bandlimit"])
         self.view_degree, self.third = int(settings["view_degree"]), bool(settings.get("third", True))
-        self.polish, self.settings = int(polish), dict(settings)
+        self.polish, self.prior_strength, self.hops = int(polish), float(prior_strength), int(hops)
+        self.settings = dict(settings)
 
     def __call__(self, images: torch.Tensor, noise_variance: torch.Tensor, ctfs: torch.Tensor | None,
                  groups: torch.Tensor | None, generator: torch.Generator):
@@ -328,27 +344,43 @@ class LearnedFit:
         return a, result.distribution, basis.evaluate(a).to(torch.float32), result
 
     def reconstruct(self, model, target, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(a, b, moment loss)`` from moments: random start, the network, then the polish.
+        """``(a, b, loss)`` from moments: random start, the network, the MAP polish and, if needed, hops.
 
         Args:
             model: :class:`~cryo_lightning.abinitio.moment_model.MomentModel` of the checkpoint's
                 basis and viewing degree, with the target's CTF groups.
             target: :class:`~cryo_lightning.abinitio.moments.ImageMoments` (with ``m3`` if the
                 checkpoint uses the third-moment slice).
-            generator: seeds the start.
+            generator: seeds the start and the hops.
+        Returns:
+            coefficients, viewing coefficients, and the final loss (the MAP loss when polished).
         """
-        from cryo_lightning.abinitio.mom import fit_moments, moment_loss, uniform_view_start
+        from cryo_lightning.abinitio.mom import expected_misfit, fit_moments, moment_loss, uniform_view_start
 
         a0, b0 = uniform_view_start(model, target, generator)
         with torch.enable_grad():
             a, b = self.task(a0, b0, lambda x, y: moment_loss(model, x, y, target, use_m3=self.third))
         a, b = a.detach(), b.detach()
-        if self.polish > 0:  # fit_moments' final loss is the same unwhitened moment loss
-            stages = (0, 0, self.polish) if self.third else (0, self.polish)
-            fit = fit_moments(model, target, n_starts=1, iterations=stages, init=(a, b))
-            return fit.coeffs, fit.view_coeffs, fit.loss
-        with torch.no_grad():
-            return a, b, float(moment_loss(model, a, b, target, use_m3=self.third))
+        if self.polish <= 0:
+            with torch.no_grad():
+                return a, b, float(moment_loss(model, a, b, target, use_m3=self.third))
+        eps = expected_misfit(target, use_m3=self.third)
+        stages = (0, 0, self.polish) if self.third else (0, self.polish)
+        prior = {"prior": self.task.net.prior.energy, "prior_weight": self.prior_strength * eps}
+        fit = fit_moments(model, target, n_starts=1, iterations=stages, init=(a, b), **prior)
+
+        def misfit(x: torch.Tensor, y: torch.Tensor) -> float:
+            with torch.no_grad():
+                return float(moment_loss(model, x, y, target, use_m3=self.third))
+
+        if self.hops > 0 and misfit(fit.coeffs, fit.view_coeffs) > 2.0 * eps:
+            # more misfit than sampling error explains (a wrong basin; always so for exact moments):
+            # the classical endgame, a whitened stage and block basin hops
+            fit = fit_moments(model, target, n_starts=1, iterations=stages, whiten=True,
+                              init=(fit.coeffs, fit.view_coeffs), hops=self.hops, hop_iterations=self.polish,
+                              generator=generator, **prior)
+        a, b = fit.coeffs, fit.view_coeffs
+        return a, b, misfit(a, b) + prior["prior_weight"] * float(self.task.net.prior.energy(a).detach())
 
 
 def _defocus_groups(source: ParticleSource, rows: np.ndarray, ctf: torch.Tensor, n_groups: int):
@@ -376,7 +408,7 @@ def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source:
     sigma2 = estimate_noise_variance(x)
     groups, reps = (None, None) if ctf is None else _defocus_groups(source, rows, ctf, opts.ctf_groups)
     subsets = torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(x)) % 2)
-    net = LearnedFit(opts.checkpoint, L, opts.polish) if learned else None
+    net = LearnedFit(opts.checkpoint, L, opts.polish, opts.prior_strength, opts.hops) if learned else None
     l_max, bandlimit = (net.l_max, net.bandlimit) if net else (opts.l_max, opts.bandlimit)
     fits = []
     for k, sel in enumerate([torch.ones(len(x), dtype=torch.bool), subsets == 0, subsets == 1]):
@@ -468,15 +500,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="moments: block basin hops after the best start (0: none); each costs about two fits' stages")
     p.add_argument("--checkpoint", type=str | None, default=None,
                    help="learned: ReconstructTask checkpoint (box, l_max, band limit and viewing degree come from it)")
-    p.add_argument("--polish", type=int, default=100,
-                   help="learned: L-BFGS iterations of the moment loss after the network (0: network only)")
+    p.add_argument("--polish", type=int, default=200,
+                   help="learned: L-BFGS iterations of the MAP moment loss after the network (0: network only)")
+    p.add_argument("--prior-strength", type=float, default=0.1,
+                   help="learned: weight of the learned coefficient prior, in units of the moments' sampling error")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     report = reconstruct_particles(
         args.star, args.out, args.method, args.box, args.max_images, args.class_average, args.n_classes,
         args.n_neighbors, args.denoiser, args.set_size, args.reference, args.n_angles, args.max_radius, args.lam,
         args.iterations, args.datadir, args.pixel_size, parse_assume(args.assume), args.device, args.overwrite,
         args.seed, MomentOptions(args.l_max, args.bandlimit, args.view_degree, args.ctf_groups, args.starts,
-                                 tuple(args.fit_iterations), args.hops, args.checkpoint, args.polish))
+                                 tuple(args.fit_iterations), args.hops, args.checkpoint, args.polish,
+                                 args.prior_strength))
     print(f"Wrote {report.map} ({report.n_images} images, box {report.box}, {report.pixel_size:.3f} A/px), "
           f"{report.star or 'the half maps'} and the FSC plot")
     if report.moment_loss is not None:

@@ -13,10 +13,13 @@ import math
 import pytest
 import torch
 
-from cryo_lightning.abinitio.mom import fit_moments, hop_blocks, moment_loss, moments_reconstruct, whitening_scales
+from cryo_lightning.abinitio.mom import (expected_misfit, fit_moments, hop_blocks, moment_loss, moments_reconstruct,
+                                        whitening_scales)
 from cryo_lightning.abinitio.moment_model import MomentModel, slice_images
+from cryo_lightning.abinitio.moment_simulation import MomentSimulator
 from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout
 from cryo_lightning.abinitio.volume_alignment import align_volumes
+from cryo_lightning.models.coefficient_prior import CoefficientPrior
 from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
 from cryo_lightning.physics.noise import add_white_noise
 from cryo_lightning.physics.viewing_sh import SHViewingDistribution
@@ -113,3 +116,39 @@ def test_basin_hops_only_keep_improvements_and_report_the_returned_state():
     assert again == pytest.approx(hopped.loss, rel=1e-9)
     # the first hop redraws the odd degrees (the corrupted block) and lands lower: it is kept
     assert hopped.hops_accepted == 1 and hopped.loss < plain.loss
+
+
+def test_expected_misfit_is_the_loss_at_the_truth():
+    """Moments of N noisy images: the loss of the true (a, b) averages to expected_misfit; exact moments give 0."""
+    g = torch.Generator().manual_seed(3)
+    L, l_max = 16, 2
+    basis = SphericalFourierBesselBasis(L, l_max=l_max, bandlimit=0.4)
+    layout = MomentLayout(L, l_max, bandlimit=0.4)
+    model = MomentModel(basis, layout, 2, third=True)
+    a = basis.expand(random_molecule(L, g, dtype=torch.float64))
+    dist = SHViewingDistribution.random(2, generator=g)
+    sim = MomentSimulator(basis, layout, chunk=500)
+    std = sim.noise_std(a, dist, 0.1, g)
+    ratios = []
+    for _ in range(6):
+        target = sim.moments(a, dist, 500, g, noise_std=std, third=True)[500]
+        with torch.no_grad():
+            at_truth = float(moment_loss(model, a, dist.coeffs, target, use_m3=True))
+        ratios.append(at_truth / expected_misfit(target, use_m3=True))
+    assert 0.7 < sum(ratios) / len(ratios) < 1.3, ratios
+    _, _, _, _, exact, _ = _exact_problem()
+    assert expected_misfit(exact) == 0.0
+
+
+def test_prior_turns_the_fit_into_a_map_estimate():
+    """With a prior the fit trades misfit for prior energy, more so the larger its weight; the loss includes it."""
+    basis, model, a, dist, target, g = _exact_problem(seed=4)
+    bank = torch.stack([basis.expand(random_molecule(16, g, dtype=torch.float64)) for _ in range(24)])
+    prior = CoefficientPrior(basis.layout.irreps()).fit(bank)
+    kwargs = dict(n_starts=1, iterations=(0, 60), init=(a, dist.coeffs))
+    fits = [fit_moments(model, target, prior=prior.energy, prior_weight=w, **kwargs) for w in (0.0, 1e-3, 1e-1)]
+    energies = [float(prior.energy(f.coeffs)) for f in fits]
+    misfits = [float(moment_loss(model, f.coeffs, f.view_coeffs, target)) for f in fits]
+    assert energies[2] < energies[1] < energies[0]
+    assert misfits[0] < 1e-20 < misfits[1] < misfits[2]
+    assert fits[1].loss == pytest.approx(misfits[1] + 1e-3 * energies[1], rel=1e-9)

@@ -143,3 +143,28 @@ def test_debiased_third_moment_converges_at_snr_one_half():
     raw = _relative(estimate_moments(noisy, layout, third=True).m3, estimate_moments(clean, layout, third=True).m3)
     assert errors[1] < errors[0] / 2.5  # ~ 1 / 4 expected
     assert raw > 3 * errors[1]
+
+
+def test_sampling_errors_match_monte_carlo():
+    """The reported E||M_hat - M||^2 of M1, each M2_k and each M3_k matches the spread of 40 disjoint estimates."""
+    reps, n = 40, 250
+    layout, clean, g = _clean_projections(7, reps * n)
+    noisy, sigma2 = add_white_noise(clean, 0.5, generator=g, dim=(-3,))
+    pooled = estimate_moments(noisy, layout, noise_variance=float(sigma2), third=True)
+    parts = [estimate_moments(noisy[i * n:(i + 1) * n], layout, noise_variance=float(sigma2), third=True)
+             for i in range(reps)]
+
+    def sq(x: torch.Tensor) -> float:
+        return float(x.abs().pow(2).sum())
+
+    shrink = 1 - 1 / reps  # the pooled estimate shares 1/reps of each part's error
+    observed = sum(sq(p.m1 - pooled.m1) for p in parts) / reps / shrink
+    reported = sum(float(p.m1_error.sum()) for p in parts) / reps
+    assert abs(observed / reported - 1) < 0.15, (observed, reported)
+    for k in range(len(layout.block_sizes)):
+        for name in ("m2", "m3"):
+            observed = sum(sq(getattr(p, name)[k] - getattr(pooled, name)[k]) for p in parts) / reps / shrink
+            reported = sum(float(getattr(p, f"{name}_error")[0, k]) for p in parts) / reps
+            assert abs(observed / reported - 1) < 0.15, (name, k, observed, reported)
+    # the error falls as 1 / N
+    assert float(pooled.m2_error.sum()) < float(parts[0].m2_error.sum()) / (0.8 * reps)

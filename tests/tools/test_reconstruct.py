@@ -101,20 +101,66 @@ def test_real_stack_with_class_averages_runs_end_to_end(shared_data, tmp_path):
     assert len(particles) == 60 and particles["rlnImageName"].str.contains("toy_images").all()
 
 
-def test_learned_method_loads_a_reconstructor_checkpoint(simulated, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def reconstructor_checkpoint(tmp_path_factory):
+    """A ReconstructTask checkpoint trained for two examples (box 16, l_max 2, no CTF) and its datamodule."""
     import lightning.pytorch as pl
 
     from cryo_lightning.data.moment_examples import MomentDataModule
     from cryo_lightning.tasks.reconstruct import ReconstructTask
 
+    tmp_path = tmp_path_factory.mktemp("reconstructor")
     pl.seed_everything(0)
-    dm = MomentDataModule(box=16, l_max=2, bandlimit=0.3, view_degree=2, batch_size=2, n_train_molecules=2,
+    dm = MomentDataModule(box=16, l_max=2, bandlimit=0.3, view_degree=2, batch_size=2, n_train_molecules=8,
                           n_val_molecules=1, train_examples=2, val_examples=1, defocus_um=[])
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(ReconstructTask(steps=2, channels=4), datamodule=dm)
     ckpt = tmp_path / "reconstructor.ckpt"
     trainer.save_checkpoint(ckpt)
+    return ckpt, dm
+
+
+def test_learned_fit_weighs_the_prior_by_the_sampling_error(reconstructor_checkpoint, monkeypatch):
+    """Noisy moments: one MAP polish with weight strength * eps; exact moments: no prior, then the whitened endgame."""
+    import torch
+
+    from cryo_lightning.abinitio import mom
+    from cryo_lightning.data.moment_examples import MomentDataModule
+    from cryo_lightning.tools.reconstruct import LearnedFit
+
+    ckpt, dm = reconstructor_checkpoint
+    calls = []
+    real = mom.fit_moments
+
+    def recording(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append({**kwargs, "result": result})
+        return result
+
+    monkeypatch.setattr(mom, "fit_moments", recording)
+    fit = LearnedFit(str(ckpt), polish=30, prior_strength=0.5, hops=1)
+    noisy_dm = MomentDataModule(**{**dict(dm.hparams), "n_images": 2000, "snr": 0.5})
+    noisy = noisy_dm.example("val", 0, 0)
+    a, b, loss = fit.reconstruct(noisy_dm.moment_model, noisy["moments"], torch.Generator().manual_seed(0))
+    eps = mom.expected_misfit(noisy["moments"], use_m3=True)
+    assert eps > 0 and calls[0]["prior_weight"] == pytest.approx(0.5 * eps)
+    assert calls[0]["init"] is not None and not calls[0].get("whiten", False)
+    polished = calls[0]["result"]
+    first = float(mom.moment_loss(noisy_dm.moment_model, polished.coeffs, polished.view_coeffs, noisy["moments"],
+                                  use_m3=True))
+    assert len(calls) == (1 if first <= 2 * eps else 2)  # the endgame only if the polish left too much misfit
+    misfit = float(mom.moment_loss(noisy_dm.moment_model, a, b, noisy["moments"], use_m3=True))
+    assert loss == pytest.approx(misfit + 0.5 * eps * float(fit.task.net.prior.energy(a)), rel=1e-9)
+    calls.clear()
+    exact = dm.example("val", 0, 0)
+    fit.reconstruct(dm.moment_model, exact["moments"], torch.Generator().manual_seed(0))
+    assert [c["prior_weight"] for c in calls] == [0.0, 0.0]
+    assert calls[1]["whiten"] and calls[1]["hops"] == 1
+
+
+def test_learned_method_loads_a_reconstructor_checkpoint(simulated, reconstructor_checkpoint, tmp_path, capsys):
+    ckpt, _ = reconstructor_checkpoint
     star = simulated / "particles.star"
     out = tmp_path / "learned" / "map.mrc"
     main(["reconstruct", "--star", str(star), "--out", str(out), "--method", "learned", "--box", "16",
