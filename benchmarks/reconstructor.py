@@ -83,14 +83,11 @@ def main() -> None:
                 a, _, _ = fit.reconstruct(model, target, torch.Generator().manual_seed(i))  # the same start for all
                 row[f"{name} s"] = time.perf_counter() - t
                 row[f"{name} err"] = align_volumes(dm.basis, truth, a).relative_error
-            if args.no_classical:
-                rows.append(row)
-                print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-                continue
-            res = fit_moments(model, target, n_starts=args.starts, iterations=stages, whiten=dm.third,
-                              hops=args.hops, generator=torch.Generator().manual_seed(i + 1))
-            row["classical s"] = res.seconds
-            row["classical err"] = align_volumes(dm.basis, truth, res.coeffs).relative_error
+            if not args.no_classical:
+                res = fit_moments(model, target, n_starts=args.starts, iterations=stages, whiten=dm.third,
+                                  hops=args.hops, generator=torch.Generator().manual_seed(i + 1))
+                row["classical s"] = res.seconds
+                row["classical err"] = align_volumes(dm.basis, truth, res.coeffs).relative_error
             rows.append(row)
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 

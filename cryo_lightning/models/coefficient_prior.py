@@ -28,6 +28,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from cryo_lightning.physics.fourier_bessel import SFBLayout
+
 __all__ = ["CoefficientPrior"]
 
 
@@ -38,29 +40,28 @@ class CoefficientPrior(nn.Module):
         volume_irreps: irreps of the coefficients, one ``S_l x l`` entry per degree present.
         ridge: added to each ``C_l``'s diagonal, relative to its mean diagonal, before inversion.
 
-    Buffers (saved with a checkpoint): ``mean`` ``(S_0,)`` and ``precision_<l>`` ``(S_l, S_l)``;
-    ``fitted`` is 0 until :meth:`fit`.
+    Buffers (saved with a checkpoint): ``mean`` ``(S_0,)`` and ``precision_<l>`` ``(S_l, S_l)``
+    (``0 x 0`` for a degree absent from the irreps); ``fitted`` is 0 until :meth:`fit`.
     """
 
     def __init__(self, volume_irreps: str | o3.Irreps, ridge: float = 1e-6) -> None:
         super().__init__()
         irreps = o3.Irreps(volume_irreps)
-        self.degrees = [ir.l for _, ir in irreps]
-        self.radial_counts = [mul for mul, _ in irreps]
-        if sorted(set(self.degrees)) != self.degrees:
+        degrees = [ir.l for _, ir in irreps]
+        if sorted(set(degrees)) != degrees:
             raise ValueError(f"expected one entry per degree in ascending order, got {irreps}")
-        self.count, self.ridge = irreps.dim, float(ridge)
-        s0 = self.radial_counts[0] if self.degrees and self.degrees[0] == 0 else 0
-        self.register_buffer("mean", torch.zeros(s0, dtype=torch.float64))
-        for l, s in zip(self.degrees, self.radial_counts):
+        counts = [0] * (irreps.lmax + 1)
+        for mul, ir in irreps:
+            counts[ir.l] = mul
+        self.layout, self.count, self.ridge = SFBLayout(tuple(counts)), irreps.dim, float(ridge)
+        self.register_buffer("mean", torch.zeros(counts[0], dtype=torch.float64))
+        for l, s in enumerate(counts):
             self.register_buffer(f"precision_{l}", torch.eye(s, dtype=torch.float64))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.float64))
 
-    def _blocks(self, a: torch.Tensor) -> list[torch.Tensor]:
-        """``(..., count)`` -> per degree ``(..., S_l, 2l + 1)``."""
-        sizes = [s * (2 * l + 1) for l, s in zip(self.degrees, self.radial_counts)]
-        return [blk.unflatten(-1, (s, 2 * l + 1))
-                for blk, l, s in zip(a.split(sizes, dim=-1), self.degrees, self.radial_counts)]
+    def _blocks(self, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``(degree, (..., S_l, 2l + 1))`` of every degree present in ``(..., count)``."""
+        return [(l, blk) for l, blk in enumerate(self.layout.blocks(a)) if blk.shape[-2] > 0]
 
     @torch.no_grad()
     def fit(self, coeffs: torch.Tensor) -> CoefficientPrior:
@@ -68,7 +69,7 @@ class CoefficientPrior(nn.Module):
         if coeffs.ndim != 2 or coeffs.shape[-1] != self.count:
             raise ValueError(f"expected (M, {self.count}) coefficients, got {tuple(coeffs.shape)}")
         x = coeffs.to(torch.float64)
-        for l, blk in zip(self.degrees, self._blocks(x)):
+        for l, blk in self._blocks(x):
             if l == 0:
                 self.mean.copy_(blk[..., 0].mean(0))
                 blk = blk - self.mean[:, None]
@@ -81,7 +82,7 @@ class CoefficientPrior(nn.Module):
     def energy(self, a: torch.Tensor) -> torch.Tensor:
         """``E(a)`` of the module docstring for ``(..., count)`` coefficients -> ``(...)``."""
         total = a.new_zeros(a.shape[:-1])
-        for l, blk in zip(self.degrees, self._blocks(a)):
+        for l, blk in self._blocks(a):
             if l == 0:
                 blk = blk - self.mean.to(a.dtype)[:, None]
             precision = getattr(self, f"precision_{l}").to(a.dtype)
