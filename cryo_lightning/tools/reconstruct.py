@@ -286,6 +286,7 @@ class MomentOptions:
     checkpoint: str | None = None
     polish: int = 200
     prior_strength: float = 0.1
+    newton: int = 20
 
 
 class LearnedFit:
@@ -302,12 +303,12 @@ class LearnedFit:
     :class:`~cryo_lightning.models.coefficient_prior.CoefficientPrior`). Noisier moments lean
     more on the prior; exact moments (``eps = 0``) not at all. If the polished misfit is still
     above ``2 eps`` (more than sampling error explains: a wrong basin, and always for exact
-    moments), the classical endgame follows: a whitened stage and ``hops`` block basin hops
-    (:func:`~cryo_lightning.abinitio.mom.fit_moments`).
+    moments), the classical endgame follows: a whitened stage, ``hops`` block basin hops and
+    ``newton`` damped Newton steps (:func:`~cryo_lightning.abinitio.mom.fit_moments`).
     """
 
     def __init__(self, checkpoint: str, box: int | None = None, polish: int = 200, prior_strength: float = 0.1,
-                 hops: int = 30) -> None:
+                 hops: int = 30, newton: int = 20) -> None:
         from cryo_lightning.tasks.reconstruct import ReconstructTask
 
         path = Path(checkpoint)
@@ -329,6 +330,7 @@ class LearnedFit:
         self.l_max, self.bandlimit = int(settings["l_max"]), float(settings["bandlimit"])
         self.view_degree, self.third = int(settings["view_degree"]), bool(settings.get("third", True))
         self.polish, self.prior_strength, self.hops = int(polish), float(prior_strength), int(hops)
+        self.newton = int(newton)
         self.settings = dict(settings)
 
     def __call__(self, images: torch.Tensor, noise_variance: torch.Tensor, ctfs: torch.Tensor | None,
@@ -375,10 +377,10 @@ class LearnedFit:
 
         if self.hops > 0 and misfit(fit.coeffs, fit.view_coeffs) > 2.0 * eps:
             # more misfit than sampling error explains (a wrong basin; always so for exact moments):
-            # the classical endgame, a whitened stage and block basin hops
+            # the classical endgame: a whitened stage, block basin hops, Newton steps
             fit = fit_moments(model, target, n_starts=1, iterations=stages, whiten=True,
                               init=(fit.coeffs, fit.view_coeffs), hops=self.hops, hop_iterations=self.polish,
-                              generator=generator, **prior)
+                              newton=self.newton, generator=generator, **prior)
         a, b = fit.coeffs, fit.view_coeffs
         return a, b, misfit(a, b) + prior["prior_weight"] * float(self.task.net.prior.energy(a).detach())
 
@@ -408,7 +410,7 @@ def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source:
     sigma2 = estimate_noise_variance(x)
     groups, reps = (None, None) if ctf is None else _defocus_groups(source, rows, ctf, opts.ctf_groups)
     subsets = torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(x)) % 2)
-    net = LearnedFit(opts.checkpoint, L, opts.polish, opts.prior_strength, opts.hops) if learned else None
+    net = LearnedFit(opts.checkpoint, L, opts.polish, opts.prior_strength, opts.hops, opts.newton) if learned else None
     l_max, bandlimit = (net.l_max, net.bandlimit) if net else (opts.l_max, opts.bandlimit)
     fits = []
     for k, sel in enumerate([torch.ones(len(x), dtype=torch.bool), subsets == 0, subsets == 1]):
@@ -421,7 +423,7 @@ def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source:
         fits.append(moments_reconstruct(
             x[sel], sigma2[sel], ctfs=reps, groups=sub_groups, l_max=opts.l_max, bandlimit=opts.bandlimit,
             view_degree=opts.view_degree, n_starts=opts.starts, iterations=opts.iterations, hops=opts.hops,
-            generator=torch.Generator().manual_seed(seed + k)))
+            newton=opts.newton, generator=torch.Generator().manual_seed(seed + k)))
     basis = SphericalFourierBesselBasis(L, l_max=l_max, bandlimit=bandlimit)
     coeffs, dist, _, result = fits[0]
     report = ReconstructionReport(str(paths["map"]), "", len(x), L, pixel, method="learned" if learned else "moments",
@@ -498,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="moments: L-BFGS iterations of the M1, M1+M2 and M1+M2+M3 stages")
     p.add_argument("--hops", type=int, default=30,
                    help="moments: block basin hops after the best start (0: none); each costs about two fits' stages")
+    p.add_argument("--newton", type=int, default=20,
+                   help="moments, learned: damped Newton steps that finish the fit (0: none); each costs one Hessian")
     p.add_argument("--checkpoint", type=str | None, default=None,
                    help="learned: ReconstructTask checkpoint (box, l_max, band limit and viewing degree come from it)")
     p.add_argument("--polish", type=int, default=200,
@@ -511,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         args.iterations, args.datadir, args.pixel_size, parse_assume(args.assume), args.device, args.overwrite,
         args.seed, MomentOptions(args.l_max, args.bandlimit, args.view_degree, args.ctf_groups, args.starts,
                                  tuple(args.fit_iterations), args.hops, args.checkpoint, args.polish,
-                                 args.prior_strength))
+                                 args.prior_strength, args.newton))
     print(f"Wrote {report.map} ({report.n_images} images, box {report.box}, {report.pixel_size:.3f} A/px), "
           f"{report.star or 'the half maps'} and the FSC plot")
     if report.moment_loss is not None:

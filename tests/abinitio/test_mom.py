@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cryo_lightning.abinitio.mom import (expected_misfit, fit_moments, hop_blocks, moment_loss, moments_reconstruct,
-                                        whitening_scales)
+                                        newton_polish, whitening_scales)
 from cryo_lightning.abinitio.moment_model import MomentModel, slice_images
 from cryo_lightning.abinitio.moment_simulation import MomentSimulator
 from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout
@@ -152,3 +152,39 @@ def test_prior_turns_the_fit_into_a_map_estimate():
     assert energies[2] < energies[1] < energies[0]
     assert misfits[0] < 1e-20 < misfits[1] < misfits[2]
     assert fits[1].loss == pytest.approx(misfits[1] + 1e-3 * energies[1], rel=1e-9)
+
+
+def test_newton_polish_reaches_the_rosenbrock_minimum():
+    def rosenbrock(x: torch.Tensor) -> torch.Tensor:
+        return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+    x, loss, evaluations = newton_polish(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.float64), 100)
+    assert torch.allclose(x, torch.ones(2, dtype=torch.float64), atol=1e-10)  # the closed-form minimum
+    assert loss < 1e-20 and evaluations > 2
+    # at a minimum already, no step is taken
+    y, same, _ = newton_polish(rosenbrock, torch.ones(2, dtype=torch.float64), 5)
+    assert torch.equal(y, torch.ones(2, dtype=torch.float64)) and same == 0.0
+
+
+def test_newton_steps_finish_an_ill_conditioned_moment_fit():
+    g = torch.Generator().manual_seed(4)
+    L, l_max = 12, 2
+    basis = SphericalFourierBesselBasis(L, l_max=l_max, bandlimit=0.5)
+    model = MomentModel(basis, MomentLayout(L, l_max, bandlimit=0.5), 2, third=True)
+    a = basis.expand(random_molecule(L, g, dtype=torch.float64))
+    dist = SHViewingDistribution.random(2, generator=g, uniform_weight=0.3)
+    with torch.no_grad():
+        m1, m2, m3 = model.with_third(a, dist.coeffs)
+    one = torch.ones(1, dtype=torch.float64)
+    target = ImageMoments(m1, m2, one, 0 * one, m3)
+    start = a + 0.02 * a.norm() / a.numel() ** 0.5 * torch.randn(a.shape, generator=g, dtype=torch.float64)
+    kwargs = dict(n_starts=1, iterations=(0, 0, 30), init=(start, dist.coeffs), whiten=True)
+    lbfgs = fit_moments(model, target, **kwargs)
+    newton = fit_moments(model, target, newton=10, **kwargs)
+    err_lbfgs = align_volumes(basis, a, lbfgs.coeffs, n_grid=200).relative_error
+    err_newton = align_volumes(basis, a, newton.coeffs, n_grid=200).relative_error
+    assert err_newton < 1e-6 < err_lbfgs  # L-BFGS stalls in the flat directions, Newton does not
+    assert newton.loss < 1e-3 * lbfgs.loss
+    again = float(moment_loss(model, newton.coeffs, newton.view_coeffs, target, use_m3=True,
+                              scales=whitening_scales(target)))
+    assert again == pytest.approx(newton.loss, rel=1e-9, abs=1e-30)

@@ -54,7 +54,7 @@ def test_method_of_moments_writes_aligned_half_maps_and_report(simulated, tmp_pa
     out = tmp_path / "mom" / "map.mrc"
     main(["reconstruct", "--star", str(star), "--out", str(out), "--method", "moments", "--box", "16",
           "--l-max", "2", "--view-degree", "2", "--starts", "1", "--fit-iterations", "10", "20", "20", "--hops", "2",
-          "--reference", str(simulated / "volume.mrc"), "--device", "cpu"])
+          "--newton", "2", "--reference", str(simulated / "volume.mrc"), "--device", "cpu"])
     assert _digest([star, simulated / "particles.mrcs"]) == before
     for suffix in (".mrc", "_fsc.png", "_fsc.json", "_half1.mrc", "_half2.mrc"):
         assert (tmp_path / "mom" / f"map{suffix}").is_file(), suffix
@@ -139,7 +139,7 @@ def test_learned_fit_weighs_the_prior_by_the_sampling_error(reconstructor_checkp
         return result
 
     monkeypatch.setattr(mom, "fit_moments", recording)
-    fit = LearnedFit(str(ckpt), polish=30, prior_strength=0.5, hops=1)
+    fit = LearnedFit(str(ckpt), polish=30, prior_strength=0.5, hops=1, newton=2)
     noisy_dm = MomentDataModule(**{**dict(dm.hparams), "n_images": 2000, "snr": 0.5})
     noisy = noisy_dm.example("val", 0, 0)
     a, b, loss = fit.reconstruct(noisy_dm.moment_model, noisy["moments"], torch.Generator().manual_seed(0))
@@ -156,7 +156,7 @@ def test_learned_fit_weighs_the_prior_by_the_sampling_error(reconstructor_checkp
     exact = dm.example("val", 0, 0)
     fit.reconstruct(dm.moment_model, exact["moments"], torch.Generator().manual_seed(0))
     assert [c["prior_weight"] for c in calls] == [0.0, 0.0]
-    assert calls[1]["whiten"] and calls[1]["hops"] == 1
+    assert calls[1]["whiten"] and calls[1]["hops"] == 1 and calls[1]["newton"] == 2
 
 
 def test_learned_method_loads_a_reconstructor_checkpoint(simulated, reconstructor_checkpoint, tmp_path, capsys):
@@ -164,7 +164,7 @@ def test_learned_method_loads_a_reconstructor_checkpoint(simulated, reconstructo
     star = simulated / "particles.star"
     out = tmp_path / "learned" / "map.mrc"
     main(["reconstruct", "--star", str(star), "--out", str(out), "--method", "learned", "--box", "16",
-          "--checkpoint", str(ckpt), "--polish", "5", "--reference", str(simulated / "volume.mrc"), "--device", "cpu"])
+          "--checkpoint", str(ckpt), "--polish", "5", "--newton", "2", "--reference", str(simulated / "volume.mrc"), "--device", "cpu"])
     for suffix in (".mrc", "_fsc.png", "_fsc.json", "_half1.mrc", "_half2.mrc"):
         assert (tmp_path / "learned" / f"map{suffix}").is_file(), suffix
     report = json.loads((tmp_path / "learned" / "map_fsc.json").read_text())
