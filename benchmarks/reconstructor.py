@@ -2,6 +2,9 @@
 
     cryol fit --config configs/reconstructor_cpu.yaml
     python benchmarks/reconstructor.py --checkpoint runs/reconstructor_cpu/checkpoints/last.ckpt
+    # a lower SNR (the exact row does not depend on it):
+    python benchmarks/reconstructor.py --checkpoint ... --snr 0.03125 --n-images 1000 10000 100000 \
+        --out benchmarks/results/reconstructor_snr32
     # the prior strength, chosen on validation molecules:
     python benchmarks/reconstructor.py --checkpoint ... --split val --n-images 10000 \
         --prior-strength 0.03 0.1 0.3 1 --no-classical --out benchmarks/results/reconstructor_tuning
