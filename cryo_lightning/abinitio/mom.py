@@ -45,8 +45,8 @@ noise of the block's current norm, refits that block with the rest held, polishe
 and keeps the result only if the final-stage loss went down.
 
 Priors (MAP). With noisy moments the minimiser of ``L`` is itself off the truth, along the weakly
-determined directions (fits started at the true ``(a, b)`` drift away). ``fit_moments(prior=E, prior_weight=lam)`` minimises
-``L + lam E(a)`` instead, ``E`` a negative log prior density (the learned reconstructor's
+determined directions (fits started at the true ``(a, b)`` drift away).
+``fit_moments(prior=E, prior_weight=lam)`` minimises ``L + lam E(a)`` instead, ``E`` a negative log prior density (the learned reconstructor's
 :class:`~cryo_lightning.models.coefficient_prior.CoefficientPrior`). The data term's noise
 scale is :func:`expected_misfit`, the value ``L`` takes at the truth on average, computed from the
 moments' sampling errors, so ``lam`` is set in its units and vanishes for exact moments.
@@ -71,7 +71,7 @@ import torch
 from tqdm import tqdm
 
 from cryo_lightning.abinitio.moment_model import MomentModel
-from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout, estimate_moments
+from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout, estimate_moments, squared_norm
 from cryo_lightning.physics.fourier_bessel import SFBLayout, SphericalFourierBesselBasis
 from cryo_lightning.physics.spherical_harmonics import sphere_quadrature
 from cryo_lightning.physics.viewing_sh import SHViewingDistribution
@@ -79,10 +79,6 @@ from cryo_lightning.physics.viewing_sh import SHViewingDistribution
 __all__ = ["moment_loss", "whiten_moments", "power_matched_start", "uniform_view_start", "moment_problem",
            "whitening_scales", "expected_misfit", "MomResult", "hop_blocks", "newton_polish", "fit_moments",
            "moments_reconstruct"]
-
-
-def _sq(x: torch.Tensor) -> torch.Tensor:
-    return (x.real * x.real + x.imag * x.imag).sum(dim=tuple(range(1, x.ndim)))
 
 
 def moment_loss(
@@ -124,11 +120,11 @@ def moment_loss(
     if scales is not None:
         m1, m2, m3 = whiten_moments(m1, m2, m3 if use_m3 else None, scales)
         t1, t2, t3 = whiten_moments(t1, t2, t3 if use_m3 else None, scales)
-    loss = (w * _sq(m1 - t1)).sum() / (w * _sq(t1)).sum().clamp_min(1e-300)
+    loss = (w * squared_norm(m1 - t1)).sum() / (w * squared_norm(t1)).sum().clamp_min(1e-300)
 
     def term(model_blocks, target_blocks):
-        num = sum((w * _sq(mk - tk)).sum() for mk, tk in zip(model_blocks, target_blocks))
-        den = sum((w * _sq(tk)).sum() for tk in target_blocks)
+        num = sum((w * squared_norm(mk - tk)).sum() for mk, tk in zip(model_blocks, target_blocks))
+        den = sum((w * squared_norm(tk)).sum() for tk in target_blocks)
         return num / den.clamp_min(1e-300)
 
     if use_m2:
@@ -152,7 +148,7 @@ def expected_misfit(target: ImageMoments, use_m3: bool = False) -> float:
     w = target.weights
 
     def term(error: torch.Tensor, blocks: list[torch.Tensor]) -> float:
-        den = sum((w * _sq(b)).sum() for b in blocks)
+        den = sum((w * squared_norm(b)).sum() for b in blocks)
         return float((w * error.reshape(w.shape[0], -1).sum(-1)).sum() / den.clamp_min(1e-300))
 
     value = term(target.m1_error, [target.m1]) + term(target.m2_error, target.m2)
@@ -278,16 +274,23 @@ def _lbfgs(params: list[torch.Tensor], closure, max_iter: int) -> int:
     return count[0]
 
 
+def _objective(model, a, b_rest, target, use_m2, use_m3, m2_weight, scales, rho_table, positivity_weight,
+               prior=None, prior_weight=0.0) -> torch.Tensor:
+    """The minimised loss: moment misfit, weighted prior energy and the positivity penalty on ``rho``."""
+    b = torch.cat([b_rest.new_ones(1), b_rest])
+    loss = moment_loss(model, a, b, target, use_m2=use_m2, m2_weight=m2_weight, use_m3=use_m3,
+                       scales=scales) + _prior_term(prior, prior_weight, a)
+    neg = torch.relu(-(rho_table @ b))
+    return loss + positivity_weight * (neg * neg).mean()
+
+
 def _closure(model, a, b_rest, target, use_m2, use_m3, m2_weight, scales, rho_table, positivity_weight,
              prior=None, prior_weight=0.0):
     def closure() -> torch.Tensor:
         if torch.is_grad_enabled():
             a.grad, b_rest.grad = None, None
-        b = torch.cat([b_rest.new_ones(1), b_rest])
-        loss = moment_loss(model, a, b, target, use_m2=use_m2, m2_weight=m2_weight, use_m3=use_m3,
-                           scales=scales) + _prior_term(prior, prior_weight, a)
-        neg = torch.relu(-(rho_table @ b))
-        loss = loss + positivity_weight * (neg * neg).mean()
+        loss = _objective(model, a, b_rest, target, use_m2, use_m3, m2_weight, scales, rho_table, positivity_weight,
+                          prior, prior_weight)
         if loss.requires_grad:
             loss.backward()
         return loss
@@ -312,14 +315,17 @@ def hop_blocks(layout: SFBLayout) -> list[tuple[str, torch.Tensor]]:
 
 
 def _basin_hop(model, target, a, b_rest, hops, n_iter, use_m3, scales, rho_table, positivity_weight, m2_weight,
-               generator, tol, verbose, progress, prior=None, prior_weight=0.0) -> tuple[torch.Tensor, torch.Tensor, float, int, list[float], int]:
+               generator, tol, verbose, progress, prior=None, prior_weight=0.0
+               ) -> tuple[torch.Tensor, torch.Tensor, float, int, list[float], int]:
     """Block basin hopping from ``(a, b_rest)`` (module docstring); returns the best state and its loss."""
     blocks = [(name, m.to(a.device)) for name, m in hop_blocks(model.basis.layout)]
 
+    def unpenalised(av: torch.Tensor, bv: torch.Tensor) -> torch.Tensor:  # the reported loss: no positivity term
+        return _objective(model, av, bv, target, True, use_m3, m2_weight, scales, rho_table, 0.0, prior, prior_weight)
+
     def loss_of(av: torch.Tensor, bv: torch.Tensor) -> float:
         with torch.no_grad():
-            return float(moment_loss(model, av, torch.cat([bv.new_ones(1), bv]), target, m2_weight=m2_weight,
-                                     use_m3=use_m3, scales=scales) + _prior_term(prior, prior_weight, av))
+            return float(unpenalised(av, bv))
 
     best_a, best_b = a.detach().clone(), b_rest.detach().clone()
     best, accepted, history, evaluations = loss_of(best_a, best_b), 0, [], 0
@@ -330,14 +336,11 @@ def _basin_hop(model, target, a, b_rest, hops, n_iter, use_m3, scales, rho_table
         name, m = blocks[hop % len(blocks)]
         draw = torch.randn(int(m.sum()), generator=generator, dtype=torch.float64).to(a.device)
         x = (draw * best_a[m].norm() / draw.norm().clamp_min(1e-300)).requires_grad_(True)
-        fixed_b = torch.cat([best_b.new_ones(1), best_b])
 
         def block_closure() -> torch.Tensor:
             if torch.is_grad_enabled():
                 x.grad = None
-            full = best_a.masked_scatter(m, x)
-            loss = moment_loss(model, full, fixed_b, target, m2_weight=m2_weight, use_m3=use_m3,
-                               scales=scales) + _prior_term(prior, prior_weight, full)
+            loss = unpenalised(best_a.masked_scatter(m, x), best_b)  # b held: its penalty is constant
             if loss.requires_grad:
                 loss.backward()
             return loss
@@ -490,8 +493,8 @@ def fit_moments(
                                positivity_weight, prior, prior_weight)
             evaluations += _lbfgs([a, b_rest], closure, n_iter)
         with torch.no_grad():
-            final = float(moment_loss(model, a, full_b(), target, m2_weight=m2_weight, use_m3=third, scales=scales)
-                          + _prior_term(prior, prior_weight, a))
+            final = float(_objective(model, a, b_rest, target, True, third, m2_weight, scales, rho_table, 0.0, prior,
+                                     prior_weight))
         losses.append(final)
         if verbose:
             print(f"start {start}: loss {final:.3e}")
@@ -507,18 +510,14 @@ def fit_moments(
     if newton > 0:
         na = best.coeffs.numel()
 
-        def loss_of(x: torch.Tensor) -> torch.Tensor:
-            a, b_rest = x[:na], x[na:]
-            loss = moment_loss(model, a, torch.cat([b_rest.new_ones(1), b_rest]), target, m2_weight=m2_weight,
-                               use_m3=third, scales=scales) + _prior_term(prior, prior_weight, a)
-            neg = torch.relu(-(rho_table @ torch.cat([b_rest.new_ones(1), b_rest])))
-            return loss + positivity_weight * (neg * neg).mean()
+        def loss_of(x: torch.Tensor, positivity: float = positivity_weight) -> torch.Tensor:
+            return _objective(model, x[:na], x[na:], target, True, third, m2_weight, scales, rho_table, positivity,
+                              prior, prior_weight)
 
         x, _, count = newton_polish(loss_of, torch.cat([best.coeffs, best.view_coeffs[1:]]), newton)
         best.coeffs, best.view_coeffs = x[:na], torch.cat([x.new_ones(1), x[na:]])
         with torch.no_grad():  # reported like the stages' losses: without the positivity penalty
-            best.loss = float(moment_loss(model, best.coeffs, best.view_coeffs, target, m2_weight=m2_weight,
-                                          use_m3=third, scales=scales) + _prior_term(prior, prior_weight, best.coeffs))
+            best.loss = float(loss_of(x, positivity=0.0))
         evaluations += count
     best.losses, best.seconds, best.evaluations = losses, time.perf_counter() - t0, evaluations
     return best

@@ -154,6 +154,11 @@ class ImageMoments:
                             move(self.m1_error), move(self.m2_error), move(self.m3_error))
 
 
+def squared_norm(x: torch.Tensor) -> torch.Tensor:
+    """``(G, ...)`` real or complex -> ``(G,)``: ``sum |x|^2`` over every axis but the first (per group)."""
+    return (x.real * x.real + x.imag * x.imag).sum(dim=tuple(range(1, x.ndim)))
+
+
 class MomentEstimator:
     """Streaming estimator of :class:`ImageMoments`; memory ``O(G sum_k Q_k^2)`` (times ``Q_0``
     with the third moment), independent of ``N``.
@@ -257,16 +262,13 @@ class MomentEstimator:
                     bias = bias + e[None, :, :, None] * m0[:, None, None, :] + m0[:, None, :, None] * e[None, :, None, :]
                 m3.append(s3 / n[:, None, None, None] - sigma2[:, None, None, None] * bias)
         # sampling errors: E||mean - E||^2 = (E||x||^2 - ||E x||^2) / n for x = c, c_k c_k^H, c_0t c_k c_k^H
-        def sq(t: torch.Tensor) -> torch.Tensor:
-            return (t.real.square() + t.imag.square()).flatten(1).sum(-1)
-
         raw2 = [s2 / n[:, None, None] for s2 in self._s2]
         second = sum(torch.diagonal(r, dim1=-2, dim2=-1).real.sum(-1) for r in raw2)  # E||c||^2
-        m1_error = (second - sq(m1)).clamp_min(0) / n
-        m2_error = (self._q2 / n[:, None] - torch.stack([sq(r) for r in raw2], -1)).clamp_min(0) / n[:, None]
+        m1_error = (second - squared_norm(m1)).clamp_min(0) / n
+        m2_error = (self._q2 / n[:, None] - torch.stack([squared_norm(r) for r in raw2], -1)).clamp_min(0) / n[:, None]
         m3_error = None
         if self._s3 is not None:
-            raw3 = torch.stack([sq(s3 / n[:, None, None, None]) for s3 in self._s3], -1)
+            raw3 = torch.stack([squared_norm(s3 / n[:, None, None, None]) for s3 in self._s3], -1)
             m3_error = (self._q3 / n[:, None] - raw3).clamp_min(0) / n[:, None]
         return ImageMoments(m1, m2, n.clone(), sigma2, m3, m1_error, m2_error, m3_error)
 
