@@ -7,7 +7,8 @@
    (disjoint from training; one batch of images per molecule, seen by set methods as consecutive
    sets of N), and runs on identical images: the noisy input, the radial Wiener
    filter, the covariance Wiener filter (CWF, statistics from the same N images; N >= 8), the
-   oracle posterior mean (knows the volume and the amplitude scale), and each trained network.
+   oracle posterior mean (knows the volume and the amplitude scale), each trained network, and,
+   when the transformer has one, its CWF guide with the population prior alone ("cwf+prior").
 3. Writes ``benchmarks/results/denoise[_cpu].json`` (a list of {method, snr, n, rel_mse, ci95, L,
    config}), a Markdown table, a figure of relative MSE vs SNR and an image gallery.
 
@@ -146,16 +147,25 @@ def main() -> None:
         "oracle": "oracle",
         **{name: network(task) for name, task in nets.items()},
     }
+    # The transformer's CWF guide with its population prior (fitted to the training molecules), on
+    # its own: how much of the transformer's gain the prior explains.
+    set_net = nets["transformer"].net if "transformer" in nets else None
+    if getattr(set_net, "cwf_prior_strength", 0) > 0:
+        prior = set_net.population_prior(device)
+        methods["cwf+prior"] = lambda b: cwf_denoise(b["noisy"], b["ctf"], b["noise_variance"], prior=prior,
+                                                     prior_strength=set_net.cwf_prior_strength,
+                                                     prior_tempering=set_net.cwf_prior_tempering)
     rows, gallery = [], None
     for snr in args.snrs:
         for n in args.ns:
             batches = test_sets(bank, sim_cfg, snr, n, args.images, args.molecules, device)
-            active = {k: (None if k == "cwf" and n < 8 else v) for k, v in methods.items()}
+            active = {k: (None if k.startswith("cwf") and n < 8 else v) for k, v in methods.items()}
             t0 = time.perf_counter()
             errors = evaluate(active, batches, n, bank, sim_cfg, args.oracle_rotations)
             for method, values in errors.items():
                 mean, ci = summary(values)
-                config = str(config_path(method, args.setting).relative_to(ROOT)) if method in nets else None
+                owner = "transformer" if method == "cwf+prior" else method  # the prior is the transformer's
+                config = str(config_path(owner, args.setting).relative_to(ROOT)) if owner in nets else None
                 rows.append({"method": method, "snr": snr, "n": n, "rel_mse": mean, "ci95": ci, "L": L,
                              "config": config, "images": int(len(values))})
             print(f"SNR 1/{1 / snr:.0f} N={n}: " + ", ".join(f"{m} {errors[m].mean():.3f}" for m in errors)

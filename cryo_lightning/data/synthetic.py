@@ -155,6 +155,45 @@ class SyntheticSetDataModule(pl.LightningDataModule):
         simulator = self.simulators[SPLITS[int(splits[0])]]
         return simulator(recipes["seed"], recipes["molecule"], device=device)
 
+    @torch.no_grad()
+    def train_targets(self, molecules: int, max_images: int = 1024,
+                      device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Clean targets and CTFs of the first training epoch, molecule by molecule.
+
+        These are exactly images that training streams (the first epoch's sets, over all ranks),
+        so statistics fitted to them add no data beyond the training budget. Each set is divided
+        by the square root of its SNR, which puts sets drawn at different SNRs on one scale
+        (unit signal variance per set).
+
+        Args:
+            molecules: how many training molecules (those of lowest index that the epoch shows).
+            max_images: stop collecting a molecule's sets once it has this many images.
+            device: where to simulate (default CPU).
+        Yields:
+            per molecule, ``(n, L, L)`` clean CTF-affected images and ``(n, L, L)`` centred CTFs.
+        """
+        stream = self.streams["train"]
+        seeds: dict[int, list[int]] = {}
+        for index in range(stream.n_sets):
+            recipe = stream.recipe(0, index)
+            seeds.setdefault(recipe["molecule"], []).append(recipe["seed"])
+        if len(seeds) < molecules:
+            raise ValueError(f"{molecules} prior molecules asked for, but the first training epoch "
+                             f"({stream.n_sets} sets) shows only {len(seeds)} of the {stream.n_molecules} "
+                             "training molecules; raise train_sets_per_epoch or lower the number of prior molecules")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        simulator = self.simulators["train"]
+        for m in sorted(seeds)[:molecules]:
+            clean, ctf, count = [], [], 0
+            for seed in seeds[m]:
+                batch = simulator(torch.tensor([seed], device=device), torch.tensor([m], device=device), device=device)
+                clean.append(batch["clean"][0] / batch["snr"][0].sqrt())
+                ctf.append(batch["ctf"][0])
+                count += clean[-1].shape[0]
+                if count >= max_images:
+                    break
+            yield torch.cat(clean), torch.cat(ctf)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "seed" in batch and "noisy" not in batch:
             return self.simulate(batch, device=batch["seed"].device)

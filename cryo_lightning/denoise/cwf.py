@@ -40,9 +40,28 @@ with the image's full 2D CTF, where ``p_hat`` is evaluated from ``x_hat`` on the
 through its angular average (the exact block-diagonal part of the CTF operator; astigmatism's
 coupling of ``k`` and ``k +- 2`` is neglected). Relative MSE is computed over the whole image,
 so the signal outside the disk that the basis cannot represent counts as error.
+
+Population prior (optional): at small ``N`` the per-set covariance is the weak point (at L = 32,
+SNR 1/32, N = 128, CWF with the covariance of 4,096 clean projections of the same molecule has
+relative MSE 0.35 instead of 0.44). A :class:`PopulationPrior` holds the mean and covariance of the
+projections of each molecule of a population (e.g. the training molecules of a learned denoiser),
+each normalised to unit signal power. A set's statistics are blended with a mixture of them::
+
+    C_k <- (N C_k + nu P C0_k) / (N + nu),    mu <- (N mu + nu sqrt(P) mu0) / (N + nu),
+    C0_k = sum_m w_m C_k^(m),  mu0 = sum_m w_m mu^(m),  w_m ∝ p(set | molecule m)^beta,
+
+with ``P = |mu|^2 + sum_k tr C_k`` the set's estimated signal power (coefficient units), so each
+molecule's statistics are scaled to the set's power; ``p(set | m)`` is the Gaussian likelihood of
+the set's coefficients, ``y_i ~ N(H_i sqrt(P) mu^(m), P H_i C^(m) H_i^T + sigma^2 I)``. The
+tempering ``beta`` in [0, 1] (0: the population average; 1: the Bayes posterior over the
+population) keeps the weights from collapsing onto one molecule, since a new molecule is none of
+them. ``nu`` (in images) is the prior's strength; ``nu = 0`` is the classical CWF.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +69,7 @@ from cryo_lightning.denoise.steerable_basis import FourierBesselBasis, fourier_b
 from cryo_lightning.physics.fourier import fft2c, ifft2c
 
 __all__ = [
+    "PopulationPrior",
     "shrink_eigenvalues",
     "ctf_groups",
     "estimate_block_moments",
@@ -57,6 +77,124 @@ __all__ = [
     "cwf_coefficients",
     "cwf_denoise",
 ]
+
+
+@dataclass
+class PopulationPrior:
+    """Mean and covariance of the projections of each molecule of a population, per unit power.
+
+    Attributes:
+        means: ``(M, Q_0)`` float64, each molecule's ``k = 0`` mean over the square root of its
+            power ``|mu|^2 + sum_k tr C_k``.
+        covariances: per angular frequency ``k``, ``(M, Q_k, Q_k)`` float64 real symmetric PSD
+            (mirror-invariant, as :func:`estimate_block_moments` makes them), over the power.
+    """
+
+    means: torch.Tensor
+    covariances: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+    @classmethod
+    def fit(
+        cls, molecules: Iterable[tuple[torch.Tensor, torch.Tensor | None]], basis: FourierBesselBasis,
+        max_ctf_groups: int = 64,
+    ) -> "PopulationPrior":
+        """Statistics of each molecule from clean (noise-free) images of it at uniform poses.
+
+        The images may carry a CTF: the moments are then estimated through it by the same least
+        squares as a set's (every defocus fills in the others' zeros).
+
+        Args:
+            molecules: per molecule, ``(n, L, L)`` clean images and their ``(n, L, L)`` centred
+                CTFs, or None (CTF-free projections).
+            basis: the steerable basis for ``L``.
+            max_ctf_groups: see :func:`ctf_groups`.
+        """
+        means, covariances = [], []
+        for m, (images, ctf) in enumerate(molecules):
+            coeffs = basis.expand(images)[None]
+            profiles = None if ctf is None else basis.radial_profile(ctf)[None]
+            groups = None if profiles is None else ctf_groups(profiles, max_ctf_groups)
+            zero = torch.zeros(1, dtype=torch.float64, device=coeffs.device)
+            moments = [
+                estimate_block_moments(y, zero, None if profiles is None else basis.radial_operator(profiles, k),
+                                       with_mean=k == 0, shrinkage=False, groups=groups)
+                for k, y in enumerate(basis.split(coeffs))
+            ]
+            power = _signal_power(moments)
+            if not bool(power > 0):
+                raise ValueError(f"PopulationPrior.fit: molecule {m} has no signal (all-zero images)")
+            means.append(moments[0][0][0].real / power.sqrt())
+            covariances.append([C[0].real / power for _, C in moments])
+        if not means:
+            raise ValueError("PopulationPrior.fit: no molecules given")
+        return cls(torch.stack(means), [torch.stack(c) for c in zip(*covariances)])
+
+    def log_likelihoods(
+        self, blocks: list[torch.Tensor], operators: list[torch.Tensor | None], noise_variance: torch.Tensor,
+        power: torch.Tensor,
+    ) -> torch.Tensor:
+        """Gaussian log-likelihood of each set's coefficients under each molecule (module docstring).
+
+        Args:
+            blocks: per ``k``, ``(B, N, Q_k)`` complex coefficients.
+            operators: per ``k``, ``(B, N, Q_k, Q_k)`` CTF operators or None.
+            noise_variance: ``(B,)``.
+            power: ``(B,)`` the sets' signal power.
+        Returns:
+            ``(B, M)`` float64, up to a constant per set.
+        """
+        s2 = noise_variance.to(torch.float64)[:, None, None, None, None]
+        scale = power.to(torch.float64)[:, None, None, None, None]
+        out = 0.0
+        for k, (y, H) in enumerate(zip(blocks, operators)):
+            B, N, Q = y.shape
+            C = self.covariances[k].to(y.device)[None, :, None]  # (1, M, 1, Q, Q)
+            HCH = C if H is None else H.to(torch.float64)[:, None] @ C @ H.to(torch.float64)[:, None]
+            cov = scale * HCH + s2 * torch.eye(Q, dtype=torch.float64, device=y.device)  # (B, M, N, Q, Q)
+            r = y.to(torch.complex128)[:, None].expand(B, len(self), N, Q)
+            if k == 0:
+                mu = self.means.to(y.device)[None, :, None, :, None] * scale.sqrt()
+                r = r - (mu if H is None else H.to(torch.float64)[:, None] @ mu).squeeze(-1)
+            chol = torch.linalg.cholesky(cov)
+            logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (B, M, N)
+            parts = torch.stack([r.real, r.imag], -1) if k > 0 else r.real[..., None]
+            z = torch.linalg.solve_triangular(chol, parts, upper=False)
+            if k == 0:  # real Gaussian
+                out = out - 0.5 * (z.square().sum((-1, -2)) + logdet).sum(-1)
+            else:  # circular complex Gaussian, E[y y^H] = cov
+                out = out - (z.square().sum((-1, -2)) + logdet).sum(-1)
+        return out
+
+    @staticmethod
+    def flat_size(basis: FourierBesselBasis) -> int:
+        """Values per molecule in :meth:`flatten` for ``basis``."""
+        return basis.block_sizes[0] + sum(q * q for q in basis.block_sizes)
+
+    def flatten(self) -> torch.Tensor:
+        """``(M, flat_size)`` float64 (for a module buffer)."""
+        M = len(self)
+        return torch.cat([self.means] + [c.reshape(M, -1) for c in self.covariances], dim=1)
+
+    @classmethod
+    def unflatten(cls, flat: torch.Tensor, basis: FourierBesselBasis) -> "PopulationPrior":
+        """Inverse of :meth:`flatten`."""
+        if flat.ndim != 2 or flat.shape[1] != cls.flat_size(basis):
+            raise ValueError(f"a population prior for L = {basis.L} is (molecules, {cls.flat_size(basis)}), "
+                             f"got {tuple(flat.shape)}")
+        sizes = basis.block_sizes
+        parts = torch.split(flat.to(torch.float64), [sizes[0]] + [q * q for q in sizes], dim=1)
+        return cls(parts[0], [p.reshape(-1, q, q) for p, q in zip(parts[1:], sizes)])
+
+
+def _signal_power(moments: list[tuple[torch.Tensor | None, torch.Tensor]]) -> torch.Tensor:
+    """``|mu|^2 + sum_k tr C_k`` per set, ``(B,)``, from per-block (mean, covariance) estimates."""
+    power = moments[0][0].abs().square().sum(-1)
+    for _, C in moments:
+        power = power + torch.diagonal(C, dim1=-2, dim2=-1).real.sum(-1)
+    return power
 
 
 def shrink_eigenvalues(eigenvalues: torch.Tensor, noise_variance: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -330,6 +468,9 @@ def cwf_coefficients(
     shrinkage: bool = True,
     reflection_invariant: bool = True,
     max_ctf_groups: int = 64,
+    prior: PopulationPrior | None = None,
+    prior_strength: float = 0.0,
+    prior_tempering: float = 0.0,
 ) -> torch.Tensor:
     """CWF estimate of the projections' basis coefficients, statistics estimated per set.
 
@@ -340,19 +481,49 @@ def cwf_coefficients(
         ctf_profiles: ``(B, N, n_bins)`` from :meth:`FourierBesselBasis.radial_profile`, or None.
         shrinkage, reflection_invariant, max_ctf_groups: see :func:`estimate_block_moments` and
             :func:`ctf_groups`.
+        prior, prior_strength, prior_tempering: a population prior, its strength ``nu`` in images
+            and the tempering ``beta`` of its molecule weights (module docstring); None or
+            ``nu = 0``: the set's own statistics only.
     Returns:
         ``(B, N, count)`` complex128 coefficients of the estimated projections (no CTF).
     """
     groups = None if ctf_profiles is None else ctf_groups(ctf_profiles, max_ctf_groups)
+    blocks = basis.split(coeffs)
+    operators = [None if ctf_profiles is None else basis.radial_operator(ctf_profiles, k) for k in range(len(blocks))]
+    moments = [
+        estimate_block_moments(y, noise_variance, H, with_mean=k == 0, shrinkage=shrinkage,
+                               reflection_invariant=reflection_invariant, groups=groups)
+        for k, (y, H) in enumerate(zip(blocks, operators))
+    ]
+    if prior is not None and prior_strength > 0:
+        moments = _blend_with_prior(moments, blocks, operators, noise_variance, prior, prior_strength,
+                                    prior_tempering)
+    return torch.cat([wiener_block(y, C, noise_variance, H, mean)
+                      for y, H, (mean, C) in zip(blocks, operators, moments)], dim=-1)
+
+
+def _blend_with_prior(
+    moments: list[tuple[torch.Tensor | None, torch.Tensor]], blocks: list[torch.Tensor],
+    operators: list[torch.Tensor | None], noise_variance: torch.Tensor, prior: PopulationPrior, strength: float,
+    tempering: float,
+) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """The per-set moments blended with the prior's molecules, scaled to each set's power (module docstring)."""
+    B, N = blocks[0].shape[:2]
+    power = _signal_power(moments)
+    if tempering > 0 and len(prior) > 1:
+        loglik = prior.log_likelihoods(blocks, operators, noise_variance, power)
+        w = torch.softmax(tempering * loglik, dim=-1)
+    else:
+        w = torch.full((B, len(prior)), 1 / len(prior), dtype=torch.float64, device=power.device)
+    a = strength / (N + strength)
     out = []
-    for k, y in enumerate(basis.split(coeffs)):
-        H = None if ctf_profiles is None else basis.radial_operator(ctf_profiles, k)
-        mean, C = estimate_block_moments(
-            y, noise_variance, H, with_mean=k == 0, shrinkage=shrinkage,
-            reflection_invariant=reflection_invariant, groups=groups,
-        )
-        out.append(wiener_block(y, C, noise_variance, H, mean))
-    return torch.cat(out, dim=-1)
+    for k, (mean, C) in enumerate(moments):
+        C0 = torch.einsum("bm,mpq->bpq", w, prior.covariances[k].to(C.device)) * power[:, None, None]
+        blended = (1 - a) * C + a * C0.to(C.dtype)
+        if mean is not None:
+            mean = (1 - a) * mean + a * ((w @ prior.means.to(mean.device)) * power[:, None].sqrt()).to(mean.dtype)
+        out.append((mean, blended))
+    return out
 
 
 @torch.no_grad()
@@ -365,6 +536,9 @@ def cwf_denoise(
     reflection_invariant: bool = True,
     max_ctf_groups: int = 64,
     basis: FourierBesselBasis | None = None,
+    prior: PopulationPrior | None = None,
+    prior_strength: float = 0.0,
+    prior_tempering: float = 0.0,
 ) -> torch.Tensor:
     """Covariance Wiener filter of every image, with mean and covariance estimated from its set.
 
@@ -381,6 +555,7 @@ def cwf_denoise(
             ``N <= max_ctf_groups``).
         basis: a :class:`FourierBesselBasis` for ``L`` (default: the cached one for the input's
             device).
+        prior, prior_strength, prior_tempering: see :func:`cwf_coefficients`.
     Returns:
         ``(B, N, L, L)`` estimates of the clean CTF-affected images, dtype and device of ``noisy``.
     """
@@ -393,6 +568,7 @@ def cwf_denoise(
     x = cwf_coefficients(
         basis.expand(noisy), basis, s2, profiles, shrinkage=shrinkage,
         reflection_invariant=reflection_invariant, max_ctf_groups=max_ctf_groups,
+        prior=prior, prior_strength=prior_strength, prior_tempering=prior_tempering,
     )
     images = basis.evaluate(x.to(torch.complex64 if basis.dtype == torch.float32 else torch.complex128))
     if with_ctf:

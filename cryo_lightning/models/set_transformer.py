@@ -9,6 +9,16 @@ images, then shrunk by a per-set Wiener gain with a learned per-radius noise inf
 multiplied by the target image's own CTF (the target is the clean, CTF-affected image), and
 finally restricted to a learned radial support in real space.
 
+With the CWF guide, the covariance Wiener filter can also use a population prior
+(``cwf_prior_strength > 0``): the mean and covariance of the projections of each of the first
+``cwf_prior_molecules`` training molecules, per unit signal power, of which each set takes a
+likelihood-weighted mixture and blends it with its own statistics (see
+``cryo_lightning.denoise.cwf.PopulationPrior``). At L = 32 and N = 128 the per-set covariance is the
+weak point of the CWF, and this prior recovers much of what it misses. The prior is a buffer,
+fitted once by :meth:`PolarSetTransformer.fit_population` from clean training targets
+(``DenoiseTask`` does it at the start of training, from the images of the first training epoch)
+and saved in checkpoints, so a trained model needs no training data later.
+
 Optionally (``refine_channels > 0``) a convolutional refiner adds a learned, nonlinear prior on
 top of the averaging: a U-Net sees the noisy image, the set estimate and the CWF guide (in units
 of the noise standard deviation) and predicts a correction to the estimate. Averaging removes
@@ -25,12 +35,14 @@ already uniform over in-plane angles). Any set size works; cost grows as ``N^2 R
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cryo_lightning.denoise.cwf import cwf_denoise
+from cryo_lightning.denoise.cwf import PopulationPrior, cwf_denoise
+from cryo_lightning.denoise.steerable_basis import fourier_bessel_basis
 from cryo_lightning.models.unet import UNet
 from cryo_lightning.physics.polar import PolarSpectrum
 from cryo_lightning.physics.fourier import radial_grid
@@ -54,14 +66,33 @@ class PolarSetTransformer(nn.Module):
             ``cryo_lightning.denoise.cwf``) and mixes them into the output; ``"none"`` starts
             from the noisy images.
         refine_channels: width of the convolutional refiner (a depth-3 U-Net); 0: none.
+        cwf_prior_strength: weight ``nu`` (in images) of the population prior in the CWF guide;
+            0: the classical CWF of each set alone. Needs ``guide="cwf"`` and
+            :meth:`fit_population` before use.
+        cwf_prior_tempering: ``beta`` in [0, 1] of the prior's molecule weights (0: their plain
+            average; 1: the Bayes posterior).
+        cwf_prior_molecules: molecules in the prior (see ``SyntheticSetDataModule.train_targets``).
     """
 
     def __init__(self, L: int = 32, n_radii: int = 33, n_angles: int = 128, heads: int = 4,
                  similarity_radius: float = 0.5, layers: int = 2, guide: str = "none",
-                 refine_channels: int = 0) -> None:
+                 refine_channels: int = 0, cwf_prior_strength: float = 0.0, cwf_prior_tempering: float = 0.0,
+                 cwf_prior_molecules: int = 64) -> None:
         super().__init__()
         if guide not in ("none", "cwf"):
             raise ValueError(f"guide must be 'none' or 'cwf', got {guide!r}")
+        if cwf_prior_strength < 0 or (cwf_prior_strength > 0 and guide != "cwf"):
+            raise ValueError(f"cwf_prior_strength must be >= 0 and needs guide='cwf', got {cwf_prior_strength} "
+                             f"with guide={guide!r}")
+        if not 0 <= cwf_prior_tempering <= 1 or cwf_prior_molecules < 1:
+            raise ValueError(f"cwf_prior_tempering must be in [0, 1] and cwf_prior_molecules >= 1, got "
+                             f"{cwf_prior_tempering} and {cwf_prior_molecules}")
+        self.cwf_prior_strength, self.cwf_prior_tempering = float(cwf_prior_strength), float(cwf_prior_tempering)
+        self.cwf_prior_molecules = int(cwf_prior_molecules)
+        if self.cwf_prior_strength > 0:
+            size = PopulationPrior.flat_size(fourier_bessel_basis(L))
+            self.register_buffer("cwf_prior", torch.zeros(self.cwf_prior_molecules, size, dtype=torch.float64))
+            self.register_buffer("cwf_prior_fitted", torch.tensor(False))
         self.L, self.heads, self.guide = L, heads, guide
         # With guide="cwf" the first layer finds neighbours and rotations from the covariance
         # Wiener filter's estimates (a classical multi-image denoiser, rotation-equivariant), and
@@ -80,6 +111,46 @@ class PolarSetTransformer(nn.Module):
         if self.refiner is not None:
             nn.init.zeros_(self.refiner.head.weight)  # starts as the plain set estimate
             nn.init.zeros_(self.refiner.head.bias)
+
+    @property
+    def needs_population(self) -> bool:
+        """True while a population prior is configured but not fitted yet."""
+        return self.cwf_prior_strength > 0 and not bool(self.cwf_prior_fitted)
+
+    def fit_population(self, molecules: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """Fit the CWF guide's population prior, one molecule at a time.
+
+        Args:
+            molecules: ``cwf_prior_molecules`` pairs of ``(n, L, L)`` clean images of one molecule
+                (uniform poses, any scale) and their centred CTFs ``(n, L, L)`` or None.
+        """
+        if self.cwf_prior_strength <= 0:
+            raise ValueError("fit_population: this model has no population prior (cwf_prior_strength = 0)")
+        device = self.cwf_prior.device
+        basis = fourier_bessel_basis(self.L, device)
+
+        def checked():
+            for images, ctf in molecules:
+                if images.ndim != 3 or images.shape[-2:] != (self.L, self.L):
+                    raise ValueError(f"fit_population wants (n, {self.L}, {self.L}) images per molecule, "
+                                     f"got {tuple(images.shape)}")
+                yield images.to(device).float(), None if ctf is None else ctf.to(device).float()
+
+        prior = PopulationPrior.fit(checked(), basis)
+        if len(prior) != self.cwf_prior_molecules:
+            raise ValueError(f"fit_population got {len(prior)} molecules, the model holds {self.cwf_prior_molecules}")
+        self.cwf_prior.copy_(prior.flatten())
+        self.cwf_prior_fitted.fill_(True)
+
+    def population_prior(self, device: torch.device | str | None = None) -> PopulationPrior | None:
+        """The fitted population prior of the CWF guide, or None when the model has none."""
+        if self.cwf_prior_strength <= 0:
+            return None
+        if self.needs_population:
+            raise RuntimeError("PolarSetTransformer: cwf_prior_strength > 0 but the population prior is not "
+                               "fitted; call fit_population(clean projections of the training molecules) first "
+                               "(DenoiseTask does this at the start of training)")
+        return PopulationPrior.unflatten(self.cwf_prior, fourier_bessel_basis(self.L, device))
 
     def forward(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
                 noise_variance: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,10 +177,8 @@ class PolarSetTransformer(nn.Module):
         c2_mean = (c * c).mean((1, 3)).clamp_min(1e-3)
         signal = ((power - noise[:, :, 0, 0]) / c2_mean).clamp_min(0)[:, None, :, None]  # (B, 1, R, 1)
         estimate = spec  # the first layer compares the noisy images themselves...
-        guide_image = None
-        if self.guide == "cwf":  # ... or their covariance-Wiener estimates
-            with torch.no_grad():
-                guide_image = cwf_denoise(noisy.float(), ctf.float(), noise_variance.float())
+        guide_image = self._guide(noisy, ctf, noise_variance)
+        if guide_image is not None:  # ... or their covariance-Wiener estimates
             guide = self.polar(guide_image)
             estimate = guide
         for layer in self.layers:
@@ -125,6 +194,42 @@ class PolarSetTransformer(nn.Module):
             x = torch.stack([noisy.float(), out, reference], 2).flatten(0, 1) / scale.repeat_interleave(N, 0)
             out = out + self._refine(x).reshape(B, N, L, L) * scale
         return out
+
+    @torch.no_grad()
+    def _guide(self, noisy: torch.Tensor, ctf: torch.Tensor, noise_variance: torch.Tensor) -> torch.Tensor | None:
+        """The CWF guide images ``(B, N, L, L)``, or None without a guide."""
+        if self.guide != "cwf":
+            return None
+        return cwf_denoise(noisy.float(), ctf.float(), noise_variance.float(),
+                           prior=self.population_prior(noisy.device), prior_strength=self.cwf_prior_strength,
+                           prior_tempering=self.cwf_prior_tempering)
+
+    @torch.no_grad()
+    def neighbour_weights(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
+                          noise_variance: torch.Tensor | None = None,
+                          queries: torch.Tensor | None = None) -> torch.Tensor:
+        """How much each image draws from every other image in the first attention layer.
+
+        Args:
+            noisy, ctf, noise_variance: as for :meth:`forward`.
+            queries: ``(B, N, L, L)`` images to compare instead of the layer's own inputs (the
+                guide, or the noisy images), e.g. the clean images: what perfect inputs would give.
+        Returns:
+            ``(B, N, N)`` attention mass of image ``i`` (row) on image ``j``, summed over in-plane
+            rotations and heads; rows sum to 1, the diagonal is 0.
+        """
+        if not len(self.layers):
+            raise ValueError("neighbour_weights: this model has no attention layer (layers = 0)")
+        if ctf is None:
+            ctf = torch.ones_like(noisy)
+        if noise_variance is None:
+            noise_variance = estimate_noise_variance(noisy).mean(-1)
+        if queries is None:
+            queries = self._guide(noisy, ctf, noise_variance)
+            queries = noisy if queries is None else queries
+        A, _ = self.layers[0]._attention(self.polar(queries.float())[:, :, : self.n_sim],
+                                         self.polar.sample_ctf(ctf.float()))
+        return A[..., 0].real  # angular frequency 0 of the weights: their sum over rotations
 
     def _refine(self, x: torch.Tensor) -> torch.Tensor:
         """Refiner correction of ``(M, 3, L, L)`` inputs, averaged over quarter turns when evaluating."""

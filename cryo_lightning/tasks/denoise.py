@@ -61,6 +61,17 @@ class DenoiseTask(pl.LightningModule):
     def _denoise(self, batch: dict[str, Any]) -> torch.Tensor:
         return self(batch["noisy"], batch.get("ctf"), batch.get("noise_variance"))
 
+    def on_fit_start(self) -> None:
+        # A set model with a population prior (PolarSetTransformer's CWF guide) fits it once to the
+        # clean targets of the first training epoch; resumed runs restore it from the checkpoint.
+        if getattr(self.net, "needs_population", False):
+            dm = self.trainer.datamodule
+            if not hasattr(dm, "train_targets"):
+                raise ValueError(f"{type(self.net).__name__} has a population prior to fit, which needs synthetic "
+                                 f"training molecules (SyntheticSetDataModule); {type(dm).__name__} has none. "
+                                 "Start from a checkpoint trained on synthetic data, or set cwf_prior_strength: 0.")
+            self.net.fit_population(dm.train_targets(self.net.cwf_prior_molecules, device=self.device))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         denoised = self._denoise(batch)
         loss = nn.functional.mse_loss(denoised, batch["clean"])

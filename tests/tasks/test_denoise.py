@@ -41,3 +41,14 @@ def test_short_training_lowers_validation_error(net, set_size, lr, tmp_path):
     after = _val_rel_mse(task, dm)
     assert after < 0.9 * before, (before, after)
     assert list(tmp_path.rglob("events.out.tfevents*"))  # metrics and the image grid were logged
+
+
+def test_fit_start_fits_a_population_prior(tmp_path):
+    torch.manual_seed(0)
+    net = PolarSetTransformer(L=16, n_radii=9, n_angles=32, heads=2, layers=1, guide="cwf", cwf_prior_strength=16,
+                              cwf_prior_tempering=0.1, cwf_prior_molecules=8)
+    task = DenoiseTask(net, lr=5e-2)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(task, datamodule=_datamodule(8))
+    assert not net.needs_population and float(net.cwf_prior.abs().sum()) > 0
