@@ -50,10 +50,16 @@ def config_path(network: str, setting: str) -> Path:
 def train(network: str, setting: str, retrain: bool, max_steps: int | None) -> Path:
     """Train one network with its config (from the repository root); return the checkpoint."""
     cfg = config_path(network, setting)
-    ckpt = ROOT / yaml.safe_load(cfg.read_text())["trainer"]["default_root_dir"] / "checkpoints" / "last.ckpt"
+    root = yaml.safe_load(cfg.read_text())["trainer"]["default_root_dir"]
+    overrides = []
+    if max_steps:  # another budget: its own run folder, so the config's checkpoint stays as it is
+        root = f"{root}_steps{max_steps}"
+        overrides = ["--trainer.max_steps", str(max_steps), "--trainer.default_root_dir", root,
+                     "--trainer.logger.init_args.save_dir", root,
+                     "--trainer.callbacks.init_args.dirpath", f"{root}/checkpoints"]
+    ckpt = ROOT / root / "checkpoints" / "last.ckpt"
     if ckpt.is_file() and not retrain:
         return ckpt
-    overrides = ["--trainer.max_steps", str(max_steps)] if max_steps else []
     t0 = time.perf_counter()
     cryol(["fit", "--config", str(cfg), *overrides])
     print(f"trained {network} in {time.perf_counter() - t0:.0f} s -> {ckpt}")
@@ -115,7 +121,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--retrain", action="store_true")
-    p.add_argument("--max-steps", type=int, default=None, help="override the configs' budget (smoke runs)")
+    p.add_argument("--max-steps", type=int, default=None, help="override the configs' budget (trained into <run folder>_steps<N>)")
     p.add_argument("--snrs", type=float, nargs="+", default=list(SNRS))
     p.add_argument("--ns", type=int, nargs="+", default=list(SET_SIZES))
     p.add_argument("--images", type=int, default=512, help="test images per (SNR, N) cell")

@@ -15,6 +15,12 @@ molecules of ``benchmarks/denoise.py`` (same seeds, same images):
    the attention mass each image puts on images whose viewing direction is within
    ``--near-degrees``, with the layer's own queries (the guide) and with the clean images as
    queries, against the fraction of such images (what attention at random would give).
+3. 3D consistency. The other route for a set: reconstruct the molecule from the set and take the
+   posterior mean of each image given that volume (as the oracle does with the true one). Its
+   bound here uses the images' *true* poses ("recon(true poses)"): least-squares CG
+   reconstruction from the set's own noisy images, low-passed at ``--pose-cutoffs`` (cycles per
+   pixel), then the posterior mean. Any method that must find the poses (EM, ab initio) does
+   worse, so where this row is above the target no reconstruct-then-project method meets it.
 
     python benchmarks/denoise_limits.py --snr 0.03125 --n 128     # after benchmarks/denoise.py
 """
@@ -30,10 +36,35 @@ import torch
 import yaml
 
 from denoise import ROOT, _as_sets, config_path, evaluate, load, summary, test_sets
+from cryo_lightning.abinitio.reconstruct import reconstruct
 from cryo_lightning.data.molecule_bank import MoleculeBank
 from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig
 from cryo_lightning.denoise.cwf import PopulationPrior, cwf_denoise
+from cryo_lightning.denoise.oracle import oracle_denoise
+from cryo_lightning.metrics import relative_mse
 from cryo_lightning.denoise.steerable_basis import fourier_bessel_basis
+
+
+def low_pass(volume: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """``(L, L, L)`` volume with every Fourier component above ``cutoff`` (cycles/pixel) removed."""
+    f = torch.fft.fftfreq(volume.shape[-1], device=volume.device, dtype=volume.dtype)
+    radius = (f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2).sqrt()
+    return torch.fft.ifftn(torch.fft.fftn(volume) * (radius <= cutoff)).real
+
+
+def known_pose_posterior(sets: dict, variance: torch.Tensor, cutoffs: list[float], lam: float,
+                         rotations: int, interpolation: str) -> dict[str, torch.Tensor]:
+    """Relative MSE ``{row: (B * N,)}`` of the posterior mean given each set's own reconstruction
+    from its true poses, low-passed at each cutoff."""
+    volumes = [reconstruct(y, R, c, lam=lam, iterations=30, interpolation=interpolation).volume
+               for y, R, c in zip(sets["noisy"], sets["rotations"], sets["ctf"])]
+    out = {}
+    for cutoff in cutoffs:
+        estimate = torch.stack([low_pass(v, cutoff) for v in volumes])
+        images = oracle_denoise(sets["noisy"], sets["ctf"], variance, estimate, scale=None, n_rotations=rotations,
+                                interpolation=interpolation)
+        out[f"recon(true poses, {cutoff:g})+posterior"] = relative_mse(images, sets["clean"]).flatten()
+    return out
 
 
 def main() -> None:
@@ -45,6 +76,9 @@ def main() -> None:
     p.add_argument("--reference-images", type=int, default=4096)
     p.add_argument("--near-degrees", type=float, default=15.0)
     p.add_argument("--oracle-rotations", type=int, default=16384)
+    p.add_argument("--pose-cutoffs", type=float, nargs="+", default=[0.15, 0.2, 0.25],
+                   help="low-pass cutoffs (cycles/pixel) of the known-pose reconstructions")
+    p.add_argument("--pose-lambda", type=float, default=0.1, help="Tikhonov weight of those reconstructions")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "denoise_limits_cpu")
     args = p.parse_args()
     device = torch.device("cpu")
@@ -88,6 +122,9 @@ def main() -> None:
             rows.setdefault(name, []).append(torch.as_tensor(values))
         sets = {k: _as_sets(batch[k], args.n) for k in ("noisy", "ctf", "clean", "rotations")}
         variance = batch["noise_variance"].expand(sets["noisy"].shape[0])
+        for name, values in known_pose_posterior(sets, variance, args.pose_cutoffs, args.pose_lambda,
+                                                 args.oracle_rotations, sim_cfg.interpolation).items():
+            rows.setdefault(name, []).append(values.detach())
         v = sets["rotations"][..., 2, :]  # viewing directions
         near = ((v[:, :, None] * v[:, None]).sum(-1) > math.cos(math.radians(args.near_degrees))).double()
         near = near - torch.eye(args.n, dtype=near.dtype)
