@@ -42,14 +42,15 @@ from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig
 from cryo_lightning.denoise.cwf import PopulationPrior, cwf_denoise
 from cryo_lightning.denoise.oracle import oracle_denoise
 from cryo_lightning.metrics import relative_mse
+from cryo_lightning.physics.fourier import fft3c, ifft3c, radial_grid
 from cryo_lightning.denoise.steerable_basis import fourier_bessel_basis
 
 
 def low_pass(volume: torch.Tensor, cutoff: float) -> torch.Tensor:
     """``(L, L, L)`` volume with every Fourier component above ``cutoff`` (cycles/pixel) removed."""
-    f = torch.fft.fftfreq(volume.shape[-1], device=volume.device, dtype=volume.dtype)
-    radius = (f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2).sqrt()
-    return torch.fft.ifftn(torch.fft.fftn(volume) * (radius <= cutoff)).real
+    L = volume.shape[-1]
+    keep = radial_grid(L, 3, volume.device, volume.dtype) / L <= cutoff
+    return ifft3c(fft3c(volume) * keep).real
 
 
 def known_pose_posterior(sets: dict, variance: torch.Tensor, cutoffs: list[float], lam: float,
