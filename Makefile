@@ -27,15 +27,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $@
 
-demo: env  ## simulate a small dataset and train the quickstart model (2 CPU cores: ~2 min)
+demo: env  ## run the main job: joint denoiser + reconstructor training (2 CPU cores: ~7 min)
 	$(CRYOL) simulate --volume random --seed 1 --n-images 200 --box 32 --pixel-size 6.0 \
 	  --snr 0.125 --max-shift 1 --out $(DEMO_DIR)/simulated --overwrite
 	$(CRYOL) fit --config configs/quickstart.yaml
 	@echo ""
-	@echo "Demo outputs:"
-	@echo "  simulated dataset : $(DEMO_DIR)/simulated/ (particles.star, particles.mrcs, particles_clean.mrcs, volume.mrc)"
-	@echo "  checkpoints       : $(DEMO_DIR)/checkpoints/last.ckpt"
-	@echo "  TensorBoard logs  : tensorboard --logdir $(DEMO_DIR)/tensorboard"
+	@echo "Demo outputs (run folder $(DEMO_DIR)/):"
+	@echo "  map of a held-out molecule : $(DEMO_DIR)/map.mrc (ground truth aligned to it: map_truth.mrc)"
+	@echo "  FSC against the truth      : $(DEMO_DIR)/fsc.png"
+	@echo "  denoised-image gallery     : $(DEMO_DIR)/gallery.png"
+	@echo "  metrics                    : $(DEMO_DIR)/metrics.json"
+	@echo "  checkpoints                : $(DEMO_DIR)/checkpoints/last.ckpt"
+	@echo "  TensorBoard logs           : tensorboard --logdir $(DEMO_DIR)/tensorboard"
+	@echo "  simulated RELION dataset   : $(DEMO_DIR)/simulated/ (for configs/finetune_relion.yaml)"
 
 test: env  ## run the test suite
 	$(PY) -m pytest -q

@@ -43,6 +43,10 @@ TOOLS = {
         "cryo_lightning.tools.reconstruct",
         "Ab initio map from particles: common lines + synchronization, then least squares (CG).",
     ),
+    "evaluate": (
+        "cryo_lightning.tools.evaluate",
+        "Quality without ground truth: half-map FSC, denoised-vs-raw moment consistency, cross-half FRC.",
+    ),
     "export": (
         "cryo_lightning.tools.export",
         "Write a subset of particles by filtering the original STAR or .cs file.",

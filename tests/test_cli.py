@@ -38,8 +38,9 @@ def test_print_config_resolves_quickstart(capsys):
         main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--print_config"])
     assert err.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["model"]["class_path"] == "cryo_lightning.tasks.denoise.DenoiseTask"
-    assert config["data"]["init_args"]["simulation"]["set_size"] == 16
+    assert config["model"]["class_path"] == "cryo_lightning.tasks.joint.JointTask"
+    assert config["model"]["init_args"]["denoiser"]["class_path"] == "cryo_lightning.models.dncnn.DnCNN"
+    assert config["data"]["init_args"]["set_size"] == 32
 
 
 def test_fit_quickstart_fast_dev_run(tmp_path, monkeypatch):
@@ -50,11 +51,16 @@ def test_fit_quickstart_fast_dev_run(tmp_path, monkeypatch):
 
 def test_fit_then_validate_from_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    small = ["--data.init_args.n_images", "64", "--data.init_args.set_size", "16", "--trainer.limit_val_batches", "1",
+             "--trainer.accelerator", "cpu"]
     overrides = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-                 "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
-                 "--data.init_args.train_sets_per_epoch", "12"]
+                 "--data.init_args.train_examples", "3", "--model.init_args.denoiser_steps", "1",
+                 "--model.init_args.reconstructor_steps", "1", *small]
     main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), *overrides])
-    ckpt = tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt"
+    run = tmp_path / "runs" / "quickstart"
+    ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    main(["validate", "--config", str(CONFIGS / "quickstart.yaml"), "--ckpt_path", str(ckpt),
-          "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu"])
+    # the end-of-fit report of the main job (tasks/joint_report.py)
+    for name in ("map.mrc", "map_truth.mrc", "fsc.png", "gallery.png", "metrics.json"):
+        assert (run / name).is_file(), name
+    main(["validate", "--config", str(CONFIGS / "quickstart.yaml"), "--ckpt_path", str(ckpt), *small])

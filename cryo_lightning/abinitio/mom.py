@@ -78,7 +78,7 @@ from cryo_lightning.physics.viewing_sh import SHViewingDistribution
 
 __all__ = ["moment_loss", "whiten_moments", "power_matched_start", "uniform_view_start", "moment_problem",
            "whitening_scales", "expected_misfit", "MomResult", "hop_blocks", "newton_polish", "fit_moments",
-           "moments_reconstruct"]
+           "moments_reconstruct", "map_polish"]
 
 
 def moment_loss(
@@ -564,3 +564,39 @@ def moments_reconstruct(
                          newton=newton, generator=generator, progress=hops > 0)
     volume = basis.evaluate(result.coeffs).to(torch.float32)
     return result.coeffs, result.distribution, volume, result
+
+
+def map_polish(model: MomentModel, target: ImageMoments, a: torch.Tensor, b: torch.Tensor,
+               prior_energy: Callable[[torch.Tensor], torch.Tensor], polish: int = 200, prior_strength: float = 0.1,
+               third: bool = True, hops: int = 0, newton: int = 20, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Finish a learned reconstructor's output ``(a, b)`` by L-BFGS on the MAP loss.
+
+    The loss is ``L(a, b) + prior_strength * eps * E(a)``: ``eps`` the moment loss expected at the
+    truth from the moments' sampling error (:func:`expected_misfit`), ``E`` a learned coefficient
+    prior's energy, so noisier moments lean more on the prior and exact ones not at all. If the
+    polished misfit is still above ``2 eps`` (a wrong basin, and always so for exact moments) and
+    ``hops > 0``, the classical endgame follows: a whitened stage, ``hops`` block basin hops and
+    ``newton`` damped Newton steps (:func:`fit_moments`).
+
+    Returns:
+        coefficients, viewing coefficients, and the final loss (the MAP loss when polished).
+    """
+    if polish <= 0:
+        with torch.no_grad():
+            return a, b, float(moment_loss(model, a, b, target, use_m3=third))
+    eps = expected_misfit(target, use_m3=third)
+    stages = (0, 0, polish) if third else (0, polish)
+    prior = {"prior": prior_energy, "prior_weight": prior_strength * eps}
+    fit = fit_moments(model, target, n_starts=1, iterations=stages, init=(a, b), **prior)
+
+    def misfit(x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(moment_loss(model, x, y, target, use_m3=third))
+
+    if hops > 0 and misfit(fit.coeffs, fit.view_coeffs) > 2.0 * eps:
+        fit = fit_moments(model, target, n_starts=1, iterations=stages, whiten=True,
+                          init=(fit.coeffs, fit.view_coeffs), hops=hops, hop_iterations=polish,
+                          newton=newton, generator=generator, **prior)
+    a, b = fit.coeffs, fit.view_coeffs
+    return a, b, misfit(a, b) + prior["prior_weight"] * float(prior_energy(a).detach())

@@ -50,7 +50,8 @@ import torch
 from cryo_lightning.denoise.steerable_basis import FourierBesselBasis
 from cryo_lightning.physics.ctf import CTFParams
 
-__all__ = ["MomentLayout", "ImageMoments", "MomentEstimator", "estimate_moments", "defocus_bins", "group_by_defocus"]
+__all__ = ["MomentLayout", "ImageMoments", "MomentEstimator", "estimate_moments", "defocus_bins", "group_by_defocus",
+           "moment_discrepancy"]
 
 
 class MomentLayout:
@@ -157,6 +158,32 @@ class ImageMoments:
 def squared_norm(x: torch.Tensor) -> torch.Tensor:
     """``(G, ...)`` real or complex -> ``(G,)``: ``sum |x|^2`` over every axis but the first (per group)."""
     return (x.real * x.real + x.imag * x.imag).sum(dim=tuple(range(1, x.ndim)))
+
+
+def moment_discrepancy(estimate: ImageMoments, reference: ImageMoments, third: bool = False) -> torch.Tensor:
+    """Relative difference of two sets of moments of the same groups, ``sum_j ||E_j - R_j||^2 / ||R_j||^2``.
+
+    One term per moment order ``j`` (``M1``; ``M2`` over all blocks ``k``; the ``M3`` slice with
+    ``third``), each group weighted by the reference's image fraction. It is what a denoiser that
+    neither shrinks nor invents signal keeps near the reference's sampling error: the moments of
+    denoised images against the noise-debiased moments of the same raw images.
+
+    Returns:
+        scalar float64, differentiable in both arguments.
+    """
+    w = reference.weights
+
+    def term(est: list[torch.Tensor], ref: list[torch.Tensor]) -> torch.Tensor:
+        num = sum((w * squared_norm(e - r)).sum() for e, r in zip(est, ref))
+        den = sum((w * squared_norm(r)).sum() for r in ref)
+        return num / den.clamp_min(1e-300)
+
+    total = term([estimate.m1], [reference.m1]) + term(estimate.m2, reference.m2)
+    if third:
+        if estimate.m3 is None or reference.m3 is None:
+            raise ValueError("third=True needs both sets of moments with m3")
+        total = total + term(estimate.m3, reference.m3)
+    return total
 
 
 class MomentEstimator:

@@ -101,6 +101,7 @@ class MomentDataModule(pl.LightningDataModule):
             d = torch.tensor(defocus, dtype=torch.float64) * 1e4
             ctfs = ctf_2d(CTFParams(defocus_u=d, defocus_v=d, defocus_angle=0.0, voltage=300.0, cs=2.7,
                                     amplitude_contrast=0.1), box, pixel_size=pixel_size)
+        self.ctfs = ctfs  # (G, L, L) centred CTFs of the groups, or None
         self.moment_model = MomentModel(self.basis, self.layout, self.view_degree, ctfs=ctfs, third=self.third)
         self.simulator = MomentSimulator(self.basis, self.layout, ctfs, chunk=min(10_000, n_images or 10_000))
         self.banks = {"train": MoleculeBank(box, "train", n_train_molecules, seed),
@@ -143,9 +144,11 @@ class MomentDataModule(pl.LightningDataModule):
             return moment_loss(self.moment_model, a, b, target, use_m3=self.third)
         return loss
 
-    def align_reference(self, estimate: torch.Tensor, reference: torch.Tensor, n_grid: int = 1000) -> torch.Tensor:
-        """``reference`` moved by the O(3) element that best matches it to ``estimate`` (no gradient)."""
-        return align_volumes(self.basis, estimate.detach(), reference.detach(), n_grid=n_grid).aligned
+    def align_reference(self, estimate: torch.Tensor, reference: torch.Tensor, n_grid: int = 1000,
+                        n_refine: int = 4) -> torch.Tensor:
+        """``reference`` moved by the O(3) element that best matches it to ``estimate`` (no gradient);
+        ``n_refine`` best grid points per handedness are refined (fewer is faster, more is surer)."""
+        return align_volumes(self.basis, estimate.detach(), reference.detach(), n_grid=n_grid, n_refine=n_refine).aligned
 
     # ----------------------------------------------------------------------------- loaders
     def _loader(self, split: str) -> DataLoader:

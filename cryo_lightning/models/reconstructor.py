@@ -129,8 +129,8 @@ class MomentReconstructor(nn.Module):
         )
         self.prior = CoefficientPrior(self.volume_irreps)
 
-    def forward(self, a0: torch.Tensor, b0: torch.Tensor, loss_fn: LossFn,
-                return_path: bool = False) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list]:
+    def forward(self, a0: torch.Tensor, b0: torch.Tensor, loss_fn: LossFn, return_path: bool = False,
+                through_target: bool = False) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list]:
         """Refine starts ``(a0, b0)`` against ``loss_fn`` (evaluated per example).
 
         Args:
@@ -139,6 +139,9 @@ class MomentReconstructor(nn.Module):
             loss_fn: ``(a (count,), b (b_count,)) -> scalar``, invariant under joint rotation and
                 mirroring; called once per example and step.
             return_path: also return the per-step ``(a, b)``.
+            through_target: keep the graph from the loss gradients back to whatever ``loss_fn``
+                closes over (target moments formed from denoised images, in joint training), so
+                the output is differentiable in the target; the iterates stay first-order.
         Returns:
             ``a (B, count)``, ``b (B, b_count)`` (and the path).
         """
@@ -146,7 +149,7 @@ class MomentReconstructor(nn.Module):
         path = []
         for k in range(self.steps):
             step = self.step_modules[k % len(self.step_modules)]
-            ga, gb, values = _loss_gradients(loss_fn, a, b)
+            ga, gb, values = _loss_gradients(loss_fn, a, b, through_target)
             scale = a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             ga_norm = ga.norm(dim=-1, keepdim=True).clamp_min(1e-30)
             gb_norm = gb.norm(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -162,16 +165,19 @@ class MomentReconstructor(nn.Module):
         return (a, b, path) if return_path else (a, b)
 
 
-def _loss_gradients(loss_fn: LossFn, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-example ``grad_a L``, ``grad_b L`` (``b_00`` component zeroed) and ``L``, detached."""
+def _loss_gradients(loss_fn: LossFn, a: torch.Tensor, b: torch.Tensor, through_target: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example ``grad_a L``, ``grad_b L`` (``b_00`` component zeroed) and ``L``, detached from
+    ``a`` and ``b``; with ``through_target`` still attached to the tensors ``loss_fn`` closes over."""
     gas, gbs, vals = [], [], []
+    keep = through_target and torch.is_grad_enabled()  # the caller's mode: inside, grad is always on
     with torch.enable_grad():
         for ai, bi in zip(a.detach(), b.detach()):
             ai = ai.clone().requires_grad_(True)
             bi = bi.clone().requires_grad_(True)
             value = loss_fn(ai, bi)
-            ga, gb = torch.autograd.grad(value, (ai, bi))
+            ga, gb = torch.autograd.grad(value, (ai, bi), create_graph=keep)
             gas.append(ga)
             gbs.append(torch.cat([gb.new_zeros(1), gb[1:]]))
-            vals.append(value.detach())
+            vals.append(value if keep else value.detach())
     return torch.stack(gas), torch.stack(gbs), torch.stack(vals)

@@ -12,6 +12,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from cryo_lightning.metrics import frc_curve, psnr, relative_mse
+from cryo_lightning.tasks.image_grid import image_grid
+from cryo_lightning.tasks.optim import lr_groups
 
 __all__ = ["DenoiseTask"]
 
@@ -95,7 +97,7 @@ class DenoiseTask(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         denoised = self._evaluate(batch, "val")
         if batch_idx == 0:
-            self._log_grid(batch["noisy"], denoised, batch["clean"])
+            self._log_grid([batch["noisy"], denoised, batch["clean"]], "val/noisy_denoised_clean")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
@@ -103,25 +105,15 @@ class DenoiseTask(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"denoised": self._denoise(batch), "particle_id": batch.get("particle_id", batch.get("seed"))}
 
-    def _log_grid(self, noisy: torch.Tensor, denoised: torch.Tensor, clean: torch.Tensor) -> None:
+    def _log_grid(self, images: list[torch.Tensor], tag: str) -> None:
+        """Log the first ``grid_images`` images of each ``(..., L, L)`` tensor as one row of the
+        TensorBoard image ``tag`` (e.g. noisy | denoised | clean)."""
         experiment = getattr(self.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image"):
             return
-        k = self.hparams.grid_images
-        rows = [x.reshape(-1, *x.shape[-2:])[:k] for x in (noisy, denoised, clean)]
-
-        def scaled(x: torch.Tensor) -> torch.Tensor:  # per-image contrast stretch for display
-            lo, hi = x.amin((-1, -2), keepdim=True), x.amax((-1, -2), keepdim=True)
-            return (x - lo) / (hi - lo).clamp_min(1e-12)
-
-        grid = torch.cat([torch.cat(list(scaled(r)), dim=-1) for r in rows], dim=-2)  # (3 L, k L)
-        experiment.add_image("val/noisy_denoised_clean", grid[None].float().cpu(), self.global_step)
+        grid = image_grid(images, self.hparams.grid_images)
+        experiment.add_image(tag, grid[None].float().cpu(), self.global_step)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        overrides = self.hparams.get("lr_overrides") or {}
-        groups: dict[float, list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            lr = next((v for prefix, v in overrides.items() if name.startswith(prefix)), self.hparams.lr)
-            groups.setdefault(lr, []).append(param)
-        return torch.optim.Adam([{"params": p, "lr": lr} for lr, p in groups.items()],
-                                lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        groups = lr_groups(self.named_parameters(), self.hparams.lr, self.hparams.get("lr_overrides"))
+        return torch.optim.Adam(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -30,7 +30,7 @@ from cryo_lightning.io.particle_writer import write_star_for_stack
 from cryo_lightning.physics.polar import PolarSpectrum
 from cryo_lightning.tools.common import open_particle_input, parse_assume, pick_device, prepare_outputs, tool_parser
 
-__all__ = ["context_sets", "denoise_particles", "main"]
+__all__ = ["context_sets", "load_denoise_task", "denoise_particles", "main"]
 
 
 def rotation_invariant_embedding(images: torch.Tensor, n_radii: int = 12, n_angles: int = 32) -> torch.Tensor:
@@ -68,16 +68,39 @@ def context_sets(n: int, set_size: int, mode: str, seed: int = 0,
     return sets
 
 
+def load_denoise_task(ckpt: str, device: torch.device):
+    """The denoising task of a ``cryol fit`` checkpoint, in evaluation mode on ``device``: a
+    ``DenoiseTask``, the ``SelfSupervisedDenoiseTask`` (whose inference differs) that the
+    checkpoint's ``_class_path`` names, or the denoiser of a ``JointTask`` (the main job) in a
+    ``DenoiseTask``."""
+    from cryo_lightning.tasks.denoise import DenoiseTask  # Lightning only for this command
+    from cryo_lightning.tasks.joint import JointTask
+    from cryo_lightning.tasks.self_supervised import SelfSupervisedDenoiseTask
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise InputError(f"--ckpt {ckpt}: no such file")
+    hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    if str(hparams.get("_class_path", "")).endswith(".SelfSupervisedDenoiseTask"):
+        # Its starting checkpoint was used in training; the weights here supersede it.
+        task = SelfSupervisedDenoiseTask.load_from_checkpoint(path, map_location=device, init_ckpt=None)
+    elif str(hparams.get("_class_path", "")).endswith(".JointTask"):
+        # its pretrained-checkpoint options were used in training; the weights here supersede them
+        joint = JointTask.load_from_checkpoint(path, map_location=device, denoiser_ckpt=None, reconstructor_ckpt=None)
+        task = DenoiseTask(joint.denoiser).to(device)
+    else:
+        task = DenoiseTask.load_from_checkpoint(path, map_location=device)
+    return task.eval()
+
+
 def denoise_particles(
     ckpt: str, star: str, out: str, set_size: int = 64, context: str = "random", batch_sets: int = 4,
     datadir: str | None = None, pixel_size: float | None = None, assume: dict[str, float] | None = None,
     device: str = "auto", overwrite: bool = False, seed: int = 0, chunk_particles: int = 20000,
 ) -> tuple[Path, Path]:
     """Denoise every particle of ``star`` with the model in ``ckpt``; returns (stack, STAR) paths."""
-    from cryo_lightning.tasks.denoise import DenoiseTask  # Lightning only for this command
-
     dev = pick_device(device)
-    task = DenoiseTask.load_from_checkpoint(ckpt, map_location=dev).eval()
+    task = load_denoise_task(ckpt, dev)
     with tempfile.TemporaryDirectory() as tmp:
         source = open_particle_input(star, Path(tmp), datadir, pixel_size, assume)
         return _run(task, source, Path(star), Path(out), set_size, context, batch_sets, dev, overwrite, seed,
@@ -151,7 +174,7 @@ def _denoise_group(task, group: list[np.ndarray], prepare) -> list[tuple[torch.T
 def main(argv: list[str] | None = None) -> None:
     """Parse ``cryol denoise`` arguments and run :func:`denoise_particles`."""
     p = tool_parser("cryol denoise", __doc__)
-    p.add_argument("--ckpt", required=True, help="checkpoint of a DenoiseTask (cryol fit)")
+    p.add_argument("--ckpt", required=True, help="checkpoint of a DenoiseTask or SelfSupervisedDenoiseTask (cryol fit)")
     p.add_argument("--star", required=True, help="particles: RELION .star, cryoSPARC .cs or a plain .mrcs stack")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--set-size", type=int, default=64, help="images per context set")

@@ -58,6 +58,7 @@ from cryo_lightning.physics.ctf import phase_flip
 from cryo_lightning.physics.fourier import fft2c, fourier_resize, fourier_shell_correlation, ifft2c, resolution_at
 from cryo_lightning.physics.projection import translate_spectrum
 from cryo_lightning.physics.rotations import euler_to_matrix, matrix_to_euler, register_rotations
+from cryo_lightning.plots import fsc_plot
 from cryo_lightning.tools.common import add_flag, open_particle_input, parse_assume, pick_device, prepare_outputs, tool_parser
 
 __all__ = ["ReconstructionReport", "MomentOptions", "LearnedFit", "reconstruct_particles", "main"]
@@ -125,28 +126,6 @@ def _denoise(ckpt: str, images: torch.Tensor, ctf: torch.Tensor, set_size: int, 
             idx = torch.as_tensor(rows, device=images.device)
             out[idx] = task(images[idx][None], ctf[idx][None], torch.ones(1, device=images.device))[0]
     return out
-
-
-def _fsc_plot(path: Path, curves: dict[str, list[float]], L: int, pixel: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for label, fsc in curves.items():
-        shells = np.arange(len(fsc))
-        ax.plot(shells[1:] / (L * pixel), fsc[1:], label=label)
-    ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
-    ax.axhline(0.143, color="0.6", lw=0.8, ls=":")
-    ax.set_xlabel("spatial frequency (1/Angstrom)")
-    ax.set_ylabel("FSC")
-    ax.set_ylim(-0.1, 1.05)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
 
 
 def _true_rotations(source: ParticleSource, rows: np.ndarray, star: Path) -> torch.Tensor:
@@ -265,7 +244,7 @@ def reconstruct_particles(
         if class_average:
             write_stack(paths["classes"], images.cpu(), pixel, overwrite=overwrite)
         _write_star(source, used_rows, rotations.cpu(), paths["star"], overwrite)
-        _fsc_plot(paths["png"], curves, L, pixel)
+        fsc_plot(paths["png"], curves, L, pixel)
         report.seconds = {k: round(v, 2) for k, v in timings.items()}
         with atomic_path(paths["json"], overwrite=True) as tmp_json:
             Path(tmp_json).write_text(json.dumps(report.__dict__, indent=1))
@@ -357,32 +336,13 @@ class LearnedFit:
         Returns:
             coefficients, viewing coefficients, and the final loss (the MAP loss when polished).
         """
-        from cryo_lightning.abinitio.mom import expected_misfit, fit_moments, moment_loss, uniform_view_start
+        from cryo_lightning.abinitio.mom import map_polish, moment_loss, uniform_view_start
 
         a0, b0 = uniform_view_start(model, target, generator)
         with torch.enable_grad():
             a, b = self.task(a0, b0, lambda x, y: moment_loss(model, x, y, target, use_m3=self.third))
-        a, b = a.detach(), b.detach()
-        if self.polish <= 0:
-            with torch.no_grad():
-                return a, b, float(moment_loss(model, a, b, target, use_m3=self.third))
-        eps = expected_misfit(target, use_m3=self.third)
-        stages = (0, 0, self.polish) if self.third else (0, self.polish)
-        prior = {"prior": self.task.net.prior.energy, "prior_weight": self.prior_strength * eps}
-        fit = fit_moments(model, target, n_starts=1, iterations=stages, init=(a, b), **prior)
-
-        def misfit(x: torch.Tensor, y: torch.Tensor) -> float:
-            with torch.no_grad():
-                return float(moment_loss(model, x, y, target, use_m3=self.third))
-
-        if self.hops > 0 and misfit(fit.coeffs, fit.view_coeffs) > 2.0 * eps:
-            # more misfit than sampling error explains (a wrong basin; always so for exact moments):
-            # the classical endgame: a whitened stage, block basin hops, Newton steps
-            fit = fit_moments(model, target, n_starts=1, iterations=stages, whiten=True,
-                              init=(fit.coeffs, fit.view_coeffs), hops=self.hops, hop_iterations=self.polish,
-                              newton=self.newton, generator=generator, **prior)
-        a, b = fit.coeffs, fit.view_coeffs
-        return a, b, misfit(a, b) + prior["prior_weight"] * float(self.task.net.prior.energy(a).detach())
+        return map_polish(model, target, a.detach(), b.detach(), self.task.net.prior.energy, self.polish,
+                          self.prior_strength, self.third, hops=self.hops, newton=self.newton, generator=generator)
 
 
 def _defocus_groups(source: ParticleSource, rows: np.ndarray, ctf: torch.Tensor, n_groups: int):
@@ -455,7 +415,7 @@ def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source:
     write_map(paths["map"], volume, pixel, overwrite=overwrite)
     for k, half in enumerate(halves, 1):
         write_map(paths[f"half{k}"], half, pixel, overwrite=overwrite)
-    _fsc_plot(paths["png"], curves, L, pixel)
+    fsc_plot(paths["png"], curves, L, pixel)
     report.seconds = {"learned" if learned else "moments": round(time.perf_counter() - t, 2)}
     return report
 

@@ -168,3 +168,22 @@ def test_sampling_errors_match_monte_carlo():
             assert abs(observed / reported - 1) < 0.15, (name, k, observed, reported)
     # the error falls as 1 / N
     assert float(pooled.m2_error.sum()) < float(parts[0].m2_error.sum()) / (0.8 * reps)
+
+
+def test_moment_discrepancy_of_scaled_images_is_the_closed_form():
+    # Images scaled by s have moments s M1, s^2 M2, s^3 M3 (no noise to debias), so the relative
+    # differences are (1 - s)^2, (1 - s^2)^2 and (1 - s^3)^2 exactly.
+    from cryo_lightning.abinitio.moments import moment_discrepancy
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(40, 16, 16, generator=g, dtype=torch.float64) + 0.3
+    layout = MomentLayout(16, 2)
+    groups = torch.arange(40) % 2
+    ref = estimate_moments(images, layout, groups=groups, third=True)
+    s = 0.5
+    est = estimate_moments(s * images, layout, groups=groups, third=True)
+    want = (1 - s) ** 2 + (1 - s**2) ** 2
+    torch.testing.assert_close(float(moment_discrepancy(est, ref)), want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(float(moment_discrepancy(est, ref, third=True)), want + (1 - s**3) ** 2,
+                               rtol=1e-10, atol=0)
+    assert float(moment_discrepancy(ref, ref, third=True)) == 0.0

@@ -13,6 +13,7 @@ import starfile
 import torch
 
 from cryo_lightning.cli import main
+from cryo_lightning.io.mrc import read_stack
 from cryo_lightning.tools.denoise import context_sets, rotation_invariant_embedding
 
 
@@ -31,11 +32,9 @@ data:
 """
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint written by `cryol fit`, as users get them."""
-    folder = tmp_path_factory.mktemp("ckpt")
-    (folder / "tiny.yaml").write_text(CONFIG)
+def _fit(folder, config: str):
+    """`cryol fit` on ``config`` run inside ``folder``; returns its last checkpoint."""
+    (folder / "tiny.yaml").write_text(config)
     cwd = os.getcwd()
     os.chdir(folder)
     try:
@@ -43,6 +42,12 @@ def checkpoint(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return folder / "ckpt" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint written by `cryol fit`, as users get them."""
+    return _fit(tmp_path_factory.mktemp("ckpt"), CONFIG)
 
 
 def _digest(paths):
@@ -84,3 +89,30 @@ def test_context_sets_partition_and_group_similar_images():
     emb = rotation_invariant_embedding(images)
     for s in context_sets(16, 8, "neighbours", embedding=emb):
         assert len({int(k) < 8 for k in s}) == 1
+
+
+JOINT_CONFIG = """
+trainer: {accelerator: cpu, max_steps: 1, limit_val_batches: 0, logger: false, enable_progress_bar: false,
+          callbacks: [{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: ckpt, save_last: true}}]}
+model:
+  class_path: cryo_lightning.tasks.joint.JointTask
+  init_args:
+    denoiser: {class_path: cryo_lightning.models.dncnn.DnCNN, init_args: {depth: 3, channels: 8}}
+    steps: 1
+    channels: 2
+    denoiser_steps: 1
+data:
+  class_path: cryo_lightning.data.joint_examples.JointDataModule
+  init_args: {box: 16, n_images: 32, set_size: 16, batch_size: 1, n_train_molecules: 2, train_examples: 1}
+"""
+
+
+def test_denoise_uses_the_denoiser_of_a_joint_checkpoint(shared_data, tmp_path):
+    # The main job's checkpoint (JointTask) denoises particles like a DenoiseTask's
+    ckpt = _fit(tmp_path, JOINT_CONFIG)
+    stack = shared_data / "real" / "cryodrgn" / "hand.5.mrcs"
+    out = tmp_path / "out"
+    main(["denoise", "--ckpt", str(ckpt), "--star", str(stack), "--out", str(out),
+          "--set-size", "3", "--pixel-size", "4.0"])
+    with mrcfile.open(out / "hand.5.mrcs") as f:
+        assert f.data.shape == tuple(read_stack(stack).shape) and np.isfinite(f.data).all()

@@ -1,0 +1,64 @@
+"""Loading the weights of one network out of a ``cryol fit`` task checkpoint."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cryo_lightning.io.errors import InputError
+
+__all__ = ["DENOISER_PREFIXES", "RECONSTRUCTOR_PREFIXES", "load_task_weights"]
+
+# where each task keeps the network: DenoiseTask/ReconstructTask `net`, JointTask `denoiser`/`reconstructor`
+DENOISER_PREFIXES = ("net", "denoiser")
+RECONSTRUCTOR_PREFIXES = ("net", "reconstructor")
+
+
+def load_task_weights(module: nn.Module, path: str | Path, prefixes: tuple[str, ...], option: str) -> dict[str, Any]:
+    """Load the weights and buffers stored under the first of ``prefixes`` that the checkpoint has.
+
+    Args:
+        module: the network to fill, in place.
+        path: a checkpoint written by ``cryol fit``.
+        prefixes: state-dict prefixes to look for, in order (e.g. :data:`DENOISER_PREFIXES`).
+        option: the config option that named ``path`` (for messages), e.g. ``"init_ckpt"``.
+    Returns:
+        the checkpoint's hyperparameters.
+    Raises:
+        InputError: ``path`` is not a file or not a ``cryol fit`` checkpoint with such weights, or
+            they do not fit ``module`` (the message names the keys or shapes that differ).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{option} {path}: no such file. Give a checkpoint written by `cryol fit` (e.g. "
+                         "runs/quickstart/checkpoints/last.ckpt after `make demo`), or null to start from the "
+                         "network's initial weights.")
+    try:  # tensors and plain values only, as Lightning loads checkpoints: no code runs
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise InputError(f"{option} {path}: holds Python objects besides weights (a task built in code keeps its "
+                         "network object in the hyperparameters); use a checkpoint written by `cryol fit`") from err
+    weights, hparams = checkpoint.get("state_dict", {}), checkpoint.get("hyper_parameters", {})
+    prefix = next((p for p in prefixes if any(k.startswith(p + ".") for k in weights)), None)
+    if prefix is None:
+        raise InputError(f"{option} {path}: no {' or '.join(repr(p + '.*') for p in prefixes)} weights; give the "
+                         "checkpoint of a task that trains this network")
+    state = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+    own = module.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(own.keys() & state.keys())
+              if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        details = "; ".join(f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                            for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("shapes (checkpoint vs model)", shapes)) if keys)
+        stored = hparams.get(prefix)
+        raise InputError(f"{option} {path}: its network{f' {stored}' if stored else ''} does not fit the "
+                         f"configured {type(module).__name__} ({details}). Configure the same network as the "
+                         "run that wrote the checkpoint.")
+    module.load_state_dict(state)
+    return dict(hparams)
