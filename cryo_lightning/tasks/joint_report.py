@@ -33,6 +33,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from tqdm import tqdm
 
 from cryo_lightning.abinitio.mom import map_polish
 from cryo_lightning.abinitio.volume_alignment import aligned_fsc
@@ -99,7 +100,7 @@ def evaluate_pipeline(task: pl.LightningModule, dm, molecules: int, polish: int 
     task.eval()
     pixel, L = float(dm.hparams.pixel_size), dm.basis.L
     rows = []
-    for i in range(molecules):
+    for i in tqdm(range(molecules), desc=f"joint pipeline on {split} molecules", unit="molecule"):
         ex = dm.example(split, 0, i)
         denoised = task.denoise([ex]).cpu()
         row = {"molecule": i, "noisy_rel_mse": _rel(ex["noisy"], ex["clean"]), "image_rel_mse": _rel(denoised, ex["clean"])}
