@@ -129,7 +129,18 @@ class JointTask(pl.LightningModule):
         if self.hparams.denoiser_ckpt:
             load_task_weights(self.denoiser, self.hparams.denoiser_ckpt, DENOISER_PREFIXES, "denoiser_ckpt")
 
+    def _reconstructor_to_cpu(self) -> None:
+        # The moment model, the examples and the loss gradients live on the CPU (float64); the
+        # trainer moves the whole module to its device, so the reconstructor comes back here.
+        # Parameters keep their identity under .to(), so the optimiser still holds them.
+        if self.reconstructor is not None:
+            self.reconstructor.to("cpu")
+
+    def on_validation_start(self) -> None:
+        self._reconstructor_to_cpu()
+
     def on_fit_start(self) -> None:
+        self._reconstructor_to_cpu()
         if getattr(self.denoiser, "needs_population", False):  # a set model's population prior
             self.denoiser.fit_population(self.physics.train_targets(
                 self.denoiser.cwf_prior_molecules, device=self.device))
@@ -192,7 +203,8 @@ class JointTask(pl.LightningModule):
         hp = self.hparams
         weights = {"image": hp.image_weight, "consistency": hp.consistency_weight,
                    "volume": hp.volume_weight, "moment": hp.moment_weight}
-        return sum(weights[k] * v.to(torch.float64) for k, v in losses.items())
+        # image loss on the model's device, the moment-side losses on the CPU: summed on the former
+        return sum(weights[k] * v.to(device=self.device, dtype=torch.float32) for k, v in losses.items())
 
     # ----------------------------------------------------------------------------- loops
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
