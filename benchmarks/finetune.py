@@ -23,17 +23,15 @@ from pathlib import Path
 
 import torch
 
+from cryo_lightning.data.preprocess import background_stats
 from cryo_lightning.io.mrc import read_stack
 from cryo_lightning.metrics import relative_mse
-from cryo_lightning.physics.noise import disk_mask
 from cryo_lightning.tools.denoise import denoise_particles
 
 
 def normalised(noisy: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both stacks in the units `cryol denoise` works in (the noisy images' background statistics)."""
-    background = ~disk_mask(noisy.shape[-1], 0.75 * noisy.shape[-1] / 2)
-    mean = noisy[:, background].mean(-1)[:, None, None]
-    std = noisy[:, background].std(-1)[:, None, None]
+    mean, std = background_stats(noisy, 0.75)
     return (noisy - mean) / std, (clean - mean) / std
 
 

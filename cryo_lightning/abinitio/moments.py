@@ -145,14 +145,20 @@ class ImageMoments:
         """``(G,)`` fraction of images in each group."""
         return self.counts / self.counts.sum()
 
-    def to(self, device: torch.device | str) -> ImageMoments:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
+    def _map(self, fn) -> ImageMoments:
+        def one(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
 
-        return ImageMoments(self.m1.to(device), [b.to(device) for b in self.m2], self.counts.to(device),
-                            self.noise_variance.to(device),
-                            None if self.m3 is None else [b.to(device) for b in self.m3],
-                            move(self.m1_error), move(self.m2_error), move(self.m3_error))
+        return ImageMoments(fn(self.m1), [fn(b) for b in self.m2], fn(self.counts), fn(self.noise_variance),
+                            None if self.m3 is None else [fn(b) for b in self.m3],
+                            one(self.m1_error), one(self.m2_error), one(self.m3_error))
+
+    def to(self, device: torch.device | str) -> ImageMoments:
+        return self._map(lambda t: t.to(device))
+
+    def detach(self) -> ImageMoments:
+        """The same moments cut from the autograd graph (e.g. of denoised images)."""
+        return self._map(torch.Tensor.detach)
 
 
 def squared_norm(x: torch.Tensor) -> torch.Tensor:

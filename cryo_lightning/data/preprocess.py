@@ -18,7 +18,7 @@ from cryo_lightning.physics.ctf import CTFParams, ctf_2d, phase_flip
 from cryo_lightning.physics.fourier import fft2c, fourier_resize, ifft2c, radial_grid, shell_average
 from cryo_lightning.physics.noise import disk_mask
 
-__all__ = ["CTF_MODES", "PreprocessConfig", "background_normalize", "noise_spectrum", "Preprocessor"]
+__all__ = ["CTF_MODES", "PreprocessConfig", "background_stats", "background_normalize", "noise_spectrum", "Preprocessor"]
 
 CTF_MODES = ("full", "phase_flipped", "premultiplied", "none")
 
@@ -58,6 +58,14 @@ class PreprocessConfig:
             raise ValueError(f"background_radius must be in (0, 1], got {self.background_radius}")
 
 
+def background_stats(images: torch.Tensor, radius_fraction: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation ``(..., 1, 1)`` of each image's background: the pixels at
+    distance ``>= radius_fraction * L / 2`` from the centre ``L // 2``."""
+    background = ~disk_mask(images.shape[-1], radius_fraction * images.shape[-1] / 2, device=images.device)
+    values = images[..., background]
+    return values.mean(-1)[..., None, None], values.std(-1)[..., None, None]
+
+
 def background_normalize(images: torch.Tensor, radius_fraction: float = 0.75) -> torch.Tensor:
     """Zero mean and unit standard deviation of each image's background.
 
@@ -69,10 +77,7 @@ def background_normalize(images: torch.Tensor, radius_fraction: float = 0.75) ->
         radius_fraction: the background is every pixel at distance ``>= radius_fraction * L / 2``
             from the centre ``L // 2``.
     """
-    background = ~disk_mask(images.shape[-1], radius_fraction * images.shape[-1] / 2, device=images.device)
-    values = images[..., background]
-    mean = values.mean(-1)[..., None, None]
-    std = values.std(-1)[..., None, None]
+    mean, std = background_stats(images, radius_fraction)
     whole = images.flatten(-2).std(-1)[..., None, None]
     flat = std <= 1e-6 * whole
     std = torch.where(flat, whole, std).clamp_min(torch.finfo(images.dtype).tiny)

@@ -158,7 +158,7 @@ class JointTask(pl.LightningModule):
         """Volume and viewing coefficients from moments, from a start power-matched to them."""
         dm = self.physics
         with torch.no_grad():
-            a0 = power_matched_start(dm.moment_model, _detached(moments), start, view_start)
+            a0 = power_matched_start(dm.moment_model, moments.detach(), start, view_start)
         with torch.enable_grad():  # the unrolled steps need the moment-loss gradients
             a, b = self.reconstructor(a0[None], view_start[None], dm.loss_fn(moments), through_target=through_target)
         return a[0], b[0]
@@ -193,7 +193,7 @@ class JointTask(pl.LightningModule):
                 a, b = self.reconstruct(moments, ex["start"], ex["view_start"], through_target=stage == "joint")
                 volume.append(self._volume_error(a, ex["coeffs"], n_refine=1))  # fast; validation refines 4
                 # against fixed targets: moving the denoised moments towards the output is a shortcut
-                moment.append(dm.loss_fn(_detached(moments))(a, b))
+                moment.append(dm.loss_fn(moments.detach())(a, b))
         out["consistency"] = torch.stack(consistency).mean()
         if volume:
             out["volume"], out["moment"] = torch.stack(volume).mean(), torch.stack(moment).mean()
@@ -261,11 +261,3 @@ class JointTask(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-
-def _detached(m: ImageMoments) -> ImageMoments:
-    def d(t):
-        return None if t is None else t.detach()
-
-    return ImageMoments(m.m1.detach(), [x.detach() for x in m.m2], m.counts, m.noise_variance,
-                        None if m.m3 is None else [x.detach() for x in m.m3], d(m.m1_error), d(m.m2_error),
-                        d(m.m3_error))

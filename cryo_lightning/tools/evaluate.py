@@ -33,13 +33,13 @@ from tqdm import tqdm
 from cryo_lightning.abinitio.evaluation import MomentConsistency, cross_validation_frc, half_sets, moment_consistency
 from cryo_lightning.abinitio.moments import MomentEstimator, MomentLayout, group_by_defocus
 from cryo_lightning.data.particles import ParticleSource, metadata_batch
-from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
+from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor, background_stats
 from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import read_map, require_cubic
 from cryo_lightning.io.stack_reader import read_stack_info
 from cryo_lightning.physics.fourier import fourier_shell_correlation, resolution_at
-from cryo_lightning.physics.noise import disk_mask, estimate_noise_variance
+from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.physics.rotations import euler_to_matrix
 from cryo_lightning.plots import fsc_plot
 from cryo_lightning.tools.common import (add_flag, open_particle_input, parse_assume, pick_device, prepare_outputs,
@@ -160,12 +160,10 @@ def _open_denoised(path: str, raw: ParticleSource, scratch: Path, datadir: str |
 
 
 def _background_stats(images: torch.Tensor, radius_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation ``(n, 1, 1)`` of each image's background, as
-    :func:`~cryo_lightning.data.preprocess.background_normalize` uses them (needed here to apply
-    one particle's normalisation to another image of it)."""
-    background = ~disk_mask(images.shape[-1], radius_fraction * images.shape[-1] / 2, device=images.device)
-    values = images[..., background]
-    return values.mean(-1)[..., None, None], values.std(-1).clamp_min(torch.finfo(images.dtype).tiny)[..., None, None]
+    """:func:`~cryo_lightning.data.preprocess.background_stats` with the standard deviation kept
+    above 0 (needed here to apply one particle's normalisation to another image of it)."""
+    mean, std = background_stats(images, radius_fraction)
+    return mean, std.clamp_min(torch.finfo(images.dtype).tiny)
 
 
 def _load_pair(raw: ParticleSource, den: ParticleSource, rows: np.ndarray, L: int, units: str,
