@@ -29,6 +29,10 @@ class SimulationConfig:
         ctf: apply a random CTF per image (RELION convention) or not.
         defocus_range: Angstrom, mean defocus range of the random CTFs.
         max_astigmatism: Angstrom, largest ``DefocusU - DefocusV``.
+        bfactor: ``(low, high)`` Angstrom^2, uniform per image (RELION ``rlnCtfBfactor``; positive
+            values damp high frequencies as ``exp(-B s^2 / 4)``).
+        amplitude_contrast: ``(low, high)``, uniform per set.
+        voltages: kV; each set draws one.
         max_shift: pixels; RELION origins are uniform in ``[-max_shift, max_shift]`` per axis.
         viewing: ``"uniform"`` or ``"vmf"`` (a random mixture of von Mises-Fisher components per
             set, in-plane angle uniform: a non-uniform viewing distribution).
@@ -47,6 +51,9 @@ class SimulationConfig:
     ctf: bool = True
     defocus_range: tuple[float, float] = (5000.0, 25000.0)
     max_astigmatism: float = 300.0
+    bfactor: tuple[float, float] = (0.0, 0.0)
+    amplitude_contrast: tuple[float, float] = (0.1, 0.1)
+    voltages: tuple[float, ...] = (300.0,)
     max_shift: float = 0.0
     viewing: str = "uniform"
     vmf_components: int = 3
@@ -58,9 +65,18 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         if self.viewing not in ("uniform", "vmf"):
             raise ValueError(f"viewing must be 'uniform' or 'vmf', got {self.viewing!r}")
+        self.bfactor = tuple(float(b) for b in self.bfactor)
+        self.amplitude_contrast = tuple(float(q) for q in self.amplitude_contrast)
+        self.voltages = tuple(float(v) for v in self.voltages)
         lo, hi = self.snr
         if not 0 < lo <= hi:
             raise ValueError(f"snr range must satisfy 0 < low <= high, got {self.snr}")
+        if not 0 <= self.amplitude_contrast[0] <= self.amplitude_contrast[1] < 1:
+            raise ValueError(f"amplitude_contrast range must lie in [0, 1), got {self.amplitude_contrast}")
+        if not 0 <= self.bfactor[0] <= self.bfactor[1]:
+            raise ValueError(f"bfactor range must satisfy 0 <= low <= high, got {self.bfactor}")
+        if not self.voltages or min(self.voltages) <= 0:
+            raise ValueError(f"voltages must be positive kV, got {self.voltages}")
 
 
 def random_viewing_distribution(
@@ -100,7 +116,8 @@ class SetSimulator:
             noise-free target), ``rotations`` ``(B, N, 3, 3)``, ``origins`` ``(B, N, 2)`` pixels
             (RELION ``rlnOriginX/Y``), ``ctf`` ``(B, N, L, L)`` (ones if CTF is off),
             ``ctf_params`` (batch ``(B, N)``), ``snr`` ``(B,)``, ``noise_variance`` ``(B,)`` (in
-            output units; 1 when normalised), ``molecule`` and ``seed`` ``(B,)``, ``pixel_size``.
+            output units; 1 when normalised), ``molecule`` and ``seed`` ``(B,)``, ``pixel_size``
+            (the configured float, or ``(B,)`` Angstrom when the bank gives each molecule its own).
         """
         cfg = self.config
         device = torch.device(device) if device is not None else seeds.device
@@ -120,16 +137,26 @@ class SetSimulator:
                 dist = random_viewing_distribution(cfg.vmf_components, cfg.vmf_kappa, g)
                 rotations.append(dist.sample(N, generator=g, device=device))
             origins.append((2 * torch.rand(N, 2, generator=g, device=device) - 1) * cfg.max_shift)
-            params.append(random_ctf_params(
-                N, generator=g, defocus_range=cfg.defocus_range,
-                max_astigmatism=cfg.max_astigmatism, device=device,
-            ))
+            p = random_ctf_params(N, generator=g, defocus_range=cfg.defocus_range,
+                                  max_astigmatism=cfg.max_astigmatism, device=device)
+            if cfg.bfactor != (0.0, 0.0) or cfg.amplitude_contrast != (0.1, 0.1) or cfg.voltages != (300.0,):
+                u = torch.rand(N + 2, generator=g, device=device)
+                b_lo, b_hi = cfg.bfactor
+                q_lo, q_hi = cfg.amplitude_contrast
+                p.bfactor = b_lo + (b_hi - b_lo) * u[:N]
+                p.amplitude_contrast = torch.full_like(p.voltage, q_lo + (q_hi - q_lo) * float(u[N]))
+                p.voltage = torch.full_like(p.voltage, cfg.voltages[int(u[N + 1] * len(cfg.voltages)) % len(cfg.voltages)])
+            params.append(p)
             lo, hi = math.log(cfg.snr[0]), math.log(cfg.snr[1])
             snrs.append(math.exp(lo + (hi - lo) * float(torch.rand(1, generator=g, device=device))))
         rot = torch.stack(rotations)
         orig = torch.stack(origins)
         ctf_params = CTFParams.stack(params)
-        ctf = ctf_2d(ctf_params, L, cfg.pixel_size) if cfg.ctf else torch.ones(B, N, L, L, device=device)
+        pixel_size: float | torch.Tensor = cfg.pixel_size
+        if self.bank.pixel_size_range is not None:
+            pixel_size = torch.tensor([self.bank.pixel_size(int(m)) for m in molecules.tolist()], device=device)
+        ctf = (ctf_2d(ctf_params, L, pixel_size if isinstance(pixel_size, float) else pixel_size[:, None])
+               if cfg.ctf else torch.ones(B, N, L, L, device=device))
         clean = clean_images(spectrum, rot, ctf, orig)
 
         noisy, sigma2 = [], []
@@ -152,5 +179,5 @@ class SetSimulator:
             "noise_variance": sigma2_t,
             "molecule": molecules.to(device),
             "seed": seeds.to(device),
-            "pixel_size": cfg.pixel_size,
+            "pixel_size": pixel_size,
         }

@@ -87,6 +87,12 @@ class SyntheticSetDataModule(pl.LightningDataModule):
         train_sets_per_epoch, val_sets, test_sets: sets per epoch over all ranks.
         seed: base seed for molecules and sets.
         num_workers: DataLoader workers (recipes are tiny, so 0 is usually best).
+        molecules: the procedural family of the banks, ``"beads"`` (sparse bead chains) or
+            ``"structures"`` (realistic families: globular, elongated, flat, hollow, multi-domain,
+            symmetric, ribosome-like; see ``cryo_lightning.physics.structures``).
+        pixel_size_range: ``(low, high)`` Angstrom/px: each molecule gets its own pixel size,
+            log-uniform in the range (its CTF is simulated at it); None: ``simulation.pixel_size``.
+        diameter: molecule diameter range as a fraction of the box (``"structures"``).
     """
 
     def __init__(
@@ -102,12 +108,17 @@ class SyntheticSetDataModule(pl.LightningDataModule):
         test_sets: int = 32,
         seed: int = 0,
         num_workers: int = 0,
+        molecules: str = "beads",
+        pixel_size_range: tuple[float, float] | None = None,
+        diameter: tuple[float, float] = (0.3, 0.95),
     ) -> None:
         super().__init__()
         self.box, self.batch_size, self.seed, self.num_workers = box, batch_size, seed, num_workers
         self.simulation = simulation if simulation is not None else SimulationConfig()
         counts = {"train": n_train_molecules, "val": n_val_molecules, "test": n_test_molecules}
-        self.banks = {s: MoleculeBank(box, s, counts[s], seed) for s in SPLITS}
+        self.pixel_size_range = tuple(pixel_size_range) if pixel_size_range is not None else None
+        self.banks = {s: MoleculeBank(box, s, counts[s], seed, family=molecules, pixel_size_range=self.pixel_size_range,
+                                      diameter=tuple(diameter)) for s in SPLITS}
         self.simulators = {s: SetSimulator(self.banks[s], self.simulation) for s in SPLITS}
         self.streams = {
             "train": SetRecipeStream("train", train_sets_per_epoch, n_train_molecules, seed, True, batch_size),

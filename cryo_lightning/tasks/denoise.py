@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from cryo_lightning.metrics import frc_curve, psnr, relative_mse
+from cryo_lightning.tasks.checkpoints import DENOISER_PREFIXES, load_task_weights
 from cryo_lightning.tasks.image_grid import image_grid
 from cryo_lightning.tasks.optim import lr_groups
 
@@ -35,10 +36,14 @@ class DenoiseTask(pl.LightningModule):
             are a handful of physical quantities that want a larger step).
         weight_decay: Adam weight decay.
         grid_images: images shown in the validation grid.
+        init_ckpt: a ``cryol fit`` checkpoint (DenoiseTask or JointTask) whose denoiser weights
+            ``net`` starts from (e.g. a Wiener-guided model fine-tuned with a CWF guide: same
+            network, another guide); None: ``net``'s own initialisation. Read when a trainer first
+            uses the task; a resumed run's checkpoint overwrites it.
     """
 
     def __init__(self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, grid_images: int = 4,
-                 lr_overrides: dict[str, float] | None = None) -> None:
+                 lr_overrides: dict[str, float] | None = None, init_ckpt: str | None = None) -> None:
         super().__init__()
         with warnings.catch_warnings():
             # Under LightningCLI the saved `net` is its class_path/init_args config, which is what
@@ -62,6 +67,12 @@ class DenoiseTask(pl.LightningModule):
 
     def _denoise(self, batch: dict[str, Any]) -> torch.Tensor:
         return self(batch["noisy"], batch.get("ctf"), batch.get("noise_variance"))
+
+    def configure_model(self) -> None:
+        init = self.hparams.get("init_ckpt")
+        if init is not None and not getattr(self, "_initialised", False):
+            load_task_weights(self.net, init, DENOISER_PREFIXES, "init_ckpt")
+        self._initialised = True
 
     def on_fit_start(self) -> None:
         # A set model with a population prior (PolarSetTransformer's CWF guide) fits it once to the

@@ -104,3 +104,34 @@ def test_list_of_set_sizes_varies_between_batches():
     dm.streams["train"].n_sets = 30  # ten batches
     sizes = {dm.on_after_batch_transfer(r, 0)["noisy"].shape[1] for r in dm.train_dataloader()}
     assert sizes == {4, 8}
+
+
+def test_structure_banks_give_each_molecule_its_pixel_size_and_ctf():
+    """With pixel_size_range, each molecule's CTF is simulated at its own pixel size, and the
+    realistic CTF ranges (B-factor, amplitude contrast, voltage) are respected."""
+    from cryo_lightning.physics.ctf import ctf_2d
+
+    config = SimulationConfig(set_size=4, snr=(0.1, 0.1), bfactor=(20.0, 150.0), amplitude_contrast=(0.05, 0.15),
+                              voltages=(200.0, 300.0), max_shift=2.0, defocus_range=(5000.0, 35000.0))
+    dm = SyntheticSetDataModule(box=32, batch_size=4, simulation=config, n_train_molecules=8, n_val_molecules=4,
+                                n_test_molecules=2, seed=5, molecules="structures", pixel_size_range=(1.5, 12.0))
+    bank = dm.banks["val"]
+    sizes = [bank.pixel_size(i) for i in range(len(bank))]
+    assert all(1.5 <= p <= 12.0 for p in sizes) and len(set(sizes)) == len(sizes)
+    assert sizes == [dm.banks["val"].pixel_size(i) for i in range(len(bank))]  # from the seed
+    batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    pix = batch["pixel_size"]
+    assert pix.shape == (4,)
+    torch.testing.assert_close(pix, torch.tensor([sizes[int(m)] for m in batch["molecule"]]), rtol=1e-6, atol=0)
+    p = batch["ctf_params"]
+    assert float(p.bfactor.min()) >= 20.0 and float(p.bfactor.max()) <= 150.0
+    assert float(p.amplitude_contrast.min()) >= 0.05 and float(p.amplitude_contrast.max()) <= 0.15
+    assert set(p.voltage.unique().tolist()) <= {200.0, 300.0}
+    # the batch's CTF is RELION's CTF of those parameters at each molecule's pixel size
+    torch.testing.assert_close(batch["ctf"], ctf_2d(p, 32, pix[:, None]), rtol=0, atol=1e-6)
+    assert torch.isfinite(batch["noisy"]).all()
+
+
+def test_fixed_pixel_size_configs_keep_their_float_pixel_size():
+    batch = _datamodule().on_after_batch_transfer(next(iter(_datamodule().val_dataloader())), 0)
+    assert batch["pixel_size"] == 6.0

@@ -1,0 +1,82 @@
+"""A U-Net that refines a classical, CTF-aware estimate of its set: a learned prior on top of the
+radial Wiener filter or the covariance Wiener filter (CWF)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cryo_lightning.denoise.cwf import cwf_denoise
+from cryo_lightning.denoise.wiener import wiener_denoise
+from cryo_lightning.models.unet import UNet
+
+__all__ = ["GUIDES", "GuidedUNet"]
+
+GUIDES = ("wiener", "cwf")
+
+
+class GuidedUNet(nn.Module):
+    """``guide + UNet([noisy, guide])``: a U-Net that starts from a classical estimate fitted to
+    its set.
+
+    ``guide="wiener"``: :func:`cryo_lightning.denoise.wiener.wiener_denoise`, the set's radial
+    signal spectrum (least squares over its images, CTF-aware) and each image's own CTF give the
+    MMSE linear estimate of the clean CTF-affected image. It carries what a blind network cannot
+    see at SNR 1/30 (where the CTF zeros lie, how much signal each frequency has for *this*
+    molecule at *this* pixel size). Images are denoised one by one; the set only enters through
+    the shared radial spectrum, so this is in effect a single-image network (sets of one image
+    work, with a noisier spectrum).
+
+    ``guide="cwf"``: :func:`cryo_lightning.denoise.cwf.cwf_denoise`, the covariance Wiener filter:
+    the set's mean and covariance in a steerable basis (learned from the set itself, CTF-aware),
+    the best linear estimate from the set; it improves with the set size (use sets of hundreds of
+    images at inference). The network adds the nonlinear part of the prior on top.
+
+    The U-Net's last layer starts at zero, so an untrained model is its guide. Both channels are
+    in units of the noise standard deviation. Any box size works.
+
+    Args:
+        depth: U-Net down-sampling steps.
+        channels: U-Net features at full resolution.
+        guide: ``"wiener"`` or ``"cwf"``.
+        train_images: in training, refine only the first this many images of each set (the
+            guide still uses the whole set; the other images get the guide, which carries no
+            gradient): large sets for a good guide at the cost of a small batch. None: all.
+    """
+
+    def __init__(self, depth: int = 3, channels: int = 32, guide: str = "wiener",
+                 train_images: int | None = None) -> None:
+        super().__init__()
+        if guide not in GUIDES:
+            raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
+        if train_images is not None and train_images < 1:
+            raise ValueError(f"train_images must be >= 1 or None, got {train_images}")
+        self.guide, self.train_images = guide, train_images
+        self.net = UNet(depth=depth, channels=channels, in_channels=2)
+        nn.init.zeros_(self.net.head.weight)
+        nn.init.zeros_(self.net.head.bias)
+
+    def forward(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
+                noise_variance: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, N, L, L)`` noisy sets -> ``(B, N, L, L)`` estimates of the clean CTF-affected images.
+
+        Args:
+            noisy: images of ``B`` sets.
+            ctf: ``(B, N, L, L)`` centred CTFs (None: no CTF).
+            noise_variance: ``(B,)`` per-pixel noise variance (None: 1, background-normalised data).
+        """
+        B, N, L, W = noisy.shape
+        if ctf is None:
+            ctf = torch.ones_like(noisy)
+        if noise_variance is None:
+            noise_variance = torch.ones(B, device=noisy.device, dtype=noisy.dtype)
+        ctf = ctf.expand_as(noisy)
+        if self.guide == "wiener":
+            guide = wiener_denoise(noisy, ctf, noise_variance)
+        else:
+            guide = cwf_denoise(noisy, ctf, noise_variance)
+        sd = noise_variance.to(noisy.dtype).clamp_min(1e-12).sqrt().reshape(B, 1, 1, 1)
+        k = N if not (self.training and self.train_images) else min(N, self.train_images)
+        x = torch.stack([noisy[:, :k] / sd, guide[:, :k] / sd], dim=2).reshape(B * k, 2, L, W)
+        refined = guide[:, :k] + self.net.correction(x).reshape(B, k, L, W) * sd
+        return refined if k == N else torch.cat([refined, guide[:, k:]], dim=1)

@@ -1,0 +1,70 @@
+"""Wiener-guided U-Net: starts as the Wiener filter, any box, and learns on top of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig
+from cryo_lightning.data.molecule_bank import MoleculeBank
+from cryo_lightning.denoise.wiener import wiener_denoise
+from cryo_lightning.metrics import relative_mse
+from cryo_lightning.models.guided_unet import GuidedUNet
+
+
+def _batch(L: int = 32, N: int = 16, snr: float = 1 / 16, split: str = "val", seed: int = 0):
+    sim = SetSimulator(MoleculeBank(L, split, 4, 0, family="structures", pixel_size_range=(3.0, 8.0)),
+                       SimulationConfig(set_size=N, snr=(snr, snr), max_shift=2.0))
+    return sim(torch.tensor([seed, seed + 1]), torch.tensor([0, 1]))
+
+
+def test_untrained_model_is_the_wiener_filter():
+    b = _batch()
+    net = GuidedUNet(depth=2, channels=4)
+    out = net(b["noisy"], b["ctf"], b["noise_variance"])
+    torch.testing.assert_close(out, wiener_denoise(b["noisy"], b["ctf"], b["noise_variance"]))
+
+
+@pytest.mark.parametrize("L", [30, 64])
+def test_any_box_and_missing_ctf(L):
+    net = GuidedUNet(depth=2, channels=4)
+    x = torch.randn(1, 3, L, L)
+    assert net(x).shape == x.shape
+
+
+def test_a_few_steps_improve_on_the_wiener_guide():
+    torch.manual_seed(0)
+    net = GuidedUNet(depth=2, channels=8)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    test = _batch(split="test", seed=100)
+    guide = relative_mse(wiener_denoise(test["noisy"], test["ctf"], test["noise_variance"]), test["clean"]).mean()
+    for step in range(40):
+        b = _batch(split="train", seed=2 * step)
+        loss = torch.nn.functional.mse_loss(net(b["noisy"], b["ctf"], b["noise_variance"]), b["clean"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        learned = relative_mse(net(test["noisy"], test["ctf"], test["noise_variance"]), test["clean"]).mean()
+    assert learned < 0.97 * guide
+
+
+def test_cwf_guide_and_training_subset():
+    from cryo_lightning.denoise.cwf import cwf_denoise
+
+    b = _batch(N=24)
+    net = GuidedUNet(depth=2, channels=4, guide="cwf", train_images=8)
+    torch.nn.init.normal_(net.net.head.weight, std=0.1)
+    guide = cwf_denoise(b["noisy"], b["ctf"], b["noise_variance"])
+    net.train()
+    out = net(b["noisy"], b["ctf"], b["noise_variance"])
+    # only the first 8 images of each set are refined in training; the rest are the CWF guide
+    torch.testing.assert_close(out[:, 8:], guide[:, 8:])
+    assert not torch.allclose(out[:, :8], guide[:, :8])
+    net.eval()
+    with torch.no_grad():
+        full = net(b["noisy"], b["ctf"], b["noise_variance"])
+    # in evaluation every image is refined
+    assert full.shape == b["noisy"].shape and not torch.allclose(full[:, 8:], guide[:, 8:])
+    with pytest.raises(ValueError, match="guide"):
+        GuidedUNet(guide="oracle")
