@@ -37,7 +37,11 @@ TOOLS = {
     ),
     "denoise": (
         "cryo_lightning.tools.denoise",
-        "Denoise particles (STAR/.cs/.mrcs) with a trained model, in sets of context images.",
+        "Denoise particles (STAR/.cs/.mrcs) with a shipped or trained model, at any box and pixel size.",
+    ),
+    "models": (
+        "cryo_lightning.tools.models",
+        "List the shipped denoisers: box, pixel-size and SNR ranges, training config, held-out numbers.",
     ),
     "reconstruct": (
         "cryo_lightning.tools.reconstruct",
@@ -86,6 +90,7 @@ def _run_lightning(args: Sequence[str] | None) -> None:
     import cryo_lightning.data.synthetic  # noqa: F401
     import cryo_lightning.models.dncnn  # noqa: F401
     import cryo_lightning.tasks.denoise  # noqa: F401
+    from cryo_lightning.tasks.pretrained import RecordTrainingData
 
     LightningCLI(
         pl.LightningModule,
@@ -93,6 +98,8 @@ def _run_lightning(args: Sequence[str] | None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},  # a requeued run re-enters the same log dir
+        # checkpoints record the training data's box, pixel size and SNR (cryol denoise reads them)
+        trainer_defaults={"callbacks": [RecordTrainingData()]},
         args=args,
     )
 

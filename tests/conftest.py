@@ -6,3 +6,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared test data not found at {SHARED_DATA} (only present beside the project checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cryol_fit():
+    """A function: `cryol fit` on a YAML config text (whose ModelCheckpoint writes to ``ckpt/``),
+    run inside ``folder``; it returns the run's ``ckpt/last.ckpt``."""
+    import os
+
+    from cryo_lightning.cli import main
+
+    def fit(folder: Path, config: str) -> Path:
+        (folder / "tiny.yaml").write_text(config)
+        cwd = os.getcwd()
+        os.chdir(folder)
+        try:
+            main(["fit", "--config", "tiny.yaml"])
+        finally:
+            os.chdir(cwd)
+        return folder / "ckpt" / "last.ckpt"
+
+    return fit

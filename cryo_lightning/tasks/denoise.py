@@ -36,8 +36,8 @@ class DenoiseTask(pl.LightningModule):
             are a handful of physical quantities that want a larger step).
         weight_decay: Adam weight decay.
         grid_images: images shown in the validation grid.
-        init_ckpt: a ``cryol fit`` checkpoint (DenoiseTask or JointTask) whose denoiser weights
-            ``net`` starts from (e.g. a Wiener-guided model fine-tuned with a CWF guide: same
+        init_ckpt: a ``cryol fit`` checkpoint (DenoiseTask or JointTask) or a shipped model's name
+            (``cryol models``) whose denoiser weights ``net`` starts from (e.g. a Wiener-guided model fine-tuned with a CWF guide: same
             network, another guide); None: ``net``'s own initialisation. Read when a trainer first
             uses the task; a resumed run's checkpoint overwrites it.
     """
@@ -71,7 +71,9 @@ class DenoiseTask(pl.LightningModule):
     def configure_model(self) -> None:
         init = self.hparams.get("init_ckpt")
         if init is not None and not getattr(self, "_initialised", False):
-            load_task_weights(self.net, init, DENOISER_PREFIXES, "init_ckpt")
+            from cryo_lightning.tasks.pretrained import resolve_checkpoint  # it imports this module
+
+            load_task_weights(self.net, resolve_checkpoint(init), DENOISER_PREFIXES, "init_ckpt")
         self._initialised = True
 
     def on_fit_start(self) -> None:

@@ -43,6 +43,7 @@ from cryo_lightning.io.errors import InputError
 from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.tasks.checkpoints import DENOISER_PREFIXES, load_task_weights
 from cryo_lightning.tasks.denoise import DenoiseTask
+from cryo_lightning.tasks.pretrained import resolve_checkpoint
 
 __all__ = ["OBJECTIVES", "noisier2noise_pair", "noisier2noise_floor", "sure_loss", "load_denoiser_weights",
            "SelfSupervisedDenoiseTask"]
@@ -111,9 +112,10 @@ def sure_loss(denoise: Callable[[torch.Tensor], torch.Tensor], noisy: torch.Tens
 # Where task checkpoints keep their denoiser: DenoiseTask's ``net``, JointTask's ``denoiser``.
 def load_denoiser_weights(net: nn.Module, path: str | Path) -> None:
     """Load the denoiser of a ``DenoiseTask`` (``net.*``) or ``JointTask`` (``denoiser.*``)
-    checkpoint into ``net`` (weights and buffers, e.g. a fitted population prior); see
-    :func:`~cryo_lightning.tasks.checkpoints.load_task_weights`."""
-    load_task_weights(net, path, DENOISER_PREFIXES, "init_ckpt")
+    checkpoint, or of a shipped model (``pretrained:NAME``, or ``NAME`` when no such file exists;
+    ``cryol models`` lists them), into ``net`` (weights and buffers, e.g. a fitted population
+    prior); see :func:`~cryo_lightning.tasks.checkpoints.load_task_weights`."""
+    load_task_weights(net, resolve_checkpoint(path), DENOISER_PREFIXES, "init_ckpt")
 
 
 class SelfSupervisedDenoiseTask(DenoiseTask):
@@ -135,11 +137,12 @@ class SelfSupervisedDenoiseTask(DenoiseTask):
         net: the denoiser (an ``nn.Module``; in YAML a ``class_path``/``init_args`` block).
         objective: ``"noisier2noise"`` or ``"sure"``.
         alpha: Noisier2Noise's added-noise standard deviation relative to the data's.
-        init_ckpt: a ``DenoiseTask`` (or ``JointTask``) checkpoint whose denoiser weights and
-            buffers (e.g. a fitted population prior) ``net`` starts from; None: ``net``'s own
-            initialisation. Read once, when a trainer first uses the task
-            (:meth:`configure_model`); ``load_from_checkpoint`` reads it too unless given
-            ``init_ckpt=None`` (the fine-tuned weights replace it anyway).
+        init_ckpt: a ``DenoiseTask`` (or ``JointTask``) checkpoint, or a shipped model
+            (``pretrained:NAME`` or ``NAME``), whose denoiser weights and buffers (e.g. a fitted
+            population prior) ``net`` starts from; None: ``net``'s own initialisation. Read
+            once, when a trainer first uses the task (:meth:`configure_model`);
+            ``load_from_checkpoint`` reads it too unless given ``init_ckpt=None`` (the
+            fine-tuned weights replace it anyway).
         lr, weight_decay, grid_images, lr_overrides: as for ``DenoiseTask``.
         inference_samples: Noisier2Noise inference averages the network over this many noisier
             copies of the input; 0: the network on the input itself.

@@ -2,14 +2,19 @@
 
 Example::
 
+    cryol denoise --star particles.star --out denoised/
+    cryol denoise --model NAME --star particles.star --out denoised/
     cryol denoise --ckpt runs/denoise_transformer/checkpoints/last.ckpt --star particles.star --out denoised/
 
-reads a RELION STAR, a cryoSPARC .cs or a plain .mrcs stack, preprocesses the particles as the
-model was trained (downsampled to the model's box, background-normalised so the noise has unit
-variance), denoises them in sets of ``--set-size`` particles (random sets, or sets of nearest
-neighbours in a rotation-invariant embedding), and writes ``denoised/<stem>.mrcs`` and
-``denoised/<stem>.star`` (every original column kept). Runs on the GPU when there is one and
-halves the batch when it runs out of GPU memory.
+reads a RELION STAR, a cryoSPARC .cs or a plain .mrcs stack, takes the default shipped model (or
+``--model NAME``, ``cryol models`` lists them, or a ``cryol fit`` checkpoint ``--ckpt``),
+background-normalises the particles, Fourier-resamples them to the model's pixel size when theirs
+lies outside the range it was trained at (a model with a fixed box also gets its field of view),
+denoises them in sets of ``--set-size`` particles (random sets, or sets of nearest neighbours in a
+rotation-invariant embedding), resamples the result back, and writes ``denoised/<stem>.mrcs`` and
+``denoised/<stem>.star`` (every original column kept) at the input's box and pixel size
+(``--model-scale``: the model's). Runs on the GPU when there is one and halves the batch when it
+runs out of GPU memory.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from tqdm import tqdm
 
 from cryo_lightning.data.particles import ParticleSource, metadata_batch
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
+from cryo_lightning.data.resample import ScalePlan, estimate_snr
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter
 from cryo_lightning.io.particle_writer import write_star_for_stack
+from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.physics.polar import PolarSpectrum
-from cryo_lightning.tools.common import open_particle_input, parse_assume, pick_device, prepare_outputs, tool_parser
+from cryo_lightning.tools.common import (add_flag, open_particle_input, parse_assume, pick_device, prepare_outputs,
+                                         tool_parser)
 
 __all__ = ["context_sets", "load_denoise_task", "denoise_particles", "main"]
 
@@ -69,63 +77,68 @@ def context_sets(n: int, set_size: int, mode: str, seed: int = 0,
 
 
 def load_denoise_task(ckpt: str, device: torch.device):
-    """The denoising task of a ``cryol fit`` checkpoint, in evaluation mode on ``device``: a
-    ``DenoiseTask``, the ``SelfSupervisedDenoiseTask`` (whose inference differs) that the
-    checkpoint's ``_class_path`` names, or the denoiser of a ``JointTask`` (the main job) in a
-    ``DenoiseTask``."""
-    from cryo_lightning.tasks.denoise import DenoiseTask  # Lightning only for this command
-    from cryo_lightning.tasks.joint import JointTask
-    from cryo_lightning.tasks.self_supervised import SelfSupervisedDenoiseTask
+    """:func:`cryo_lightning.tasks.pretrained.load_denoise_task` (kept here for existing callers)."""
+    from cryo_lightning.tasks.pretrained import load_denoise_task as load  # Lightning only when used
 
-    path = Path(ckpt)
-    if not path.is_file():
-        raise InputError(f"--ckpt {ckpt}: no such file")
-    hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    if str(hparams.get("_class_path", "")).endswith(".SelfSupervisedDenoiseTask"):
-        # Its starting checkpoint was used in training; the weights here supersede it.
-        task = SelfSupervisedDenoiseTask.load_from_checkpoint(path, map_location=device, init_ckpt=None)
-    elif str(hparams.get("_class_path", "")).endswith(".JointTask"):
-        # its pretrained-checkpoint options were used in training; the weights here supersede them
-        joint = JointTask.load_from_checkpoint(path, map_location=device, denoiser_ckpt=None, reconstructor_ckpt=None)
-        task = DenoiseTask(joint.denoiser).to(device)
-    else:
-        task = DenoiseTask.load_from_checkpoint(path, map_location=device)
-    return task.eval()
+    return load(ckpt, device)
 
 
 def denoise_particles(
-    ckpt: str, star: str, out: str, set_size: int = 64, context: str = "random", batch_sets: int = 4,
-    datadir: str | None = None, pixel_size: float | None = None, assume: dict[str, float] | None = None,
-    device: str = "auto", overwrite: bool = False, seed: int = 0, chunk_particles: int = 20000,
+    ckpt: str | None, star: str, out: str, set_size: int | None = None, context: str = "random",
+    batch_sets: int = 4, datadir: str | None = None, pixel_size: float | None = None,
+    assume: dict[str, float] | None = None, device: str = "auto", overwrite: bool = False, seed: int = 0,
+    chunk_particles: int = 20000, model: str | None = None, model_scale: bool = False,
 ) -> tuple[Path, Path]:
-    """Denoise every particle of ``star`` with the model in ``ckpt``; returns (stack, STAR) paths."""
+    """Denoise every particle of ``star`` with the checkpoint ``ckpt`` or the shipped ``model``
+    (neither: the default shipped model); returns the (stack, STAR) paths.
+
+    ``set_size`` None: the model card's. ``model_scale``: write at the model's box and pixel size
+    instead of the input's.
+    """
+    from cryo_lightning.tasks.pretrained import load_denoiser, load_pretrained  # Lightning only for this command
+
+    if ckpt and model:
+        raise InputError("--ckpt and --model both given: choose one (a checkpoint file, or a shipped model name)")
+    if ckpt and not Path(ckpt).is_file():
+        raise InputError(f"--ckpt {ckpt}: no such file")
     dev = pick_device(device)
-    task = load_denoise_task(ckpt, dev)
+    task, card = load_denoiser(ckpt, dev) if ckpt else load_pretrained(model, dev)
     with tempfile.TemporaryDirectory() as tmp:
         source = open_particle_input(star, Path(tmp), datadir, pixel_size, assume)
-        return _run(task, source, Path(star), Path(out), set_size, context, batch_sets, dev, overwrite, seed,
-                    chunk_particles)
+        return _run(task, card, source, Path(star), Path(out), set_size, context, batch_sets, dev, overwrite, seed,
+                    chunk_particles, model_scale)
 
 
-def _run(task, source: ParticleSource, star: Path, out: Path, set_size: int, context: str, batch_sets: int,
-         dev: torch.device, overwrite: bool, seed: int, chunk_particles: int) -> tuple[Path, Path]:
+def _run(task, card, source: ParticleSource, star: Path, out: Path, set_size: int | None, context: str,
+         batch_sets: int, dev: torch.device, overwrite: bool, seed: int, chunk_particles: int,
+         model_scale: bool) -> tuple[Path, Path]:
+    from cryo_lightning.tasks.pretrained import default_set_size, range_warnings, scale_plan
+
     for message in source.warnings:
         print(f"cryol denoise: warning: {message}", file=sys.stderr)
-    box = getattr(task.net, "L", None) or source.box
-    processor = Preprocessor(PreprocessConfig(downsample=box if box != source.box else None), source.box)
+    set_size = set_size or default_set_size(card)
+    pixel_in = float(source.table.particles["pixel_size_A"].median())
+    plan = scale_plan(task, card, source.box, pixel_in)
+    # background normalisation at the input's box; the CTF is computed on the model's grid
+    processor = Preprocessor(PreprocessConfig(), source.box)
+    ctf_processor = Preprocessor(PreprocessConfig(normalize=False), plan.model_box)
     mode = source.ctf_mode(processor.config)
+    out_box, scale = (plan.model_box, plan.scale) if model_scale else (source.box, 1.0)
     stack_path, star_path = out / f"{star.stem}.mrcs", out / f"{star.stem}.star"
     prepare_outputs([stack_path, star_path], [star, *(i.path for i in source.reader.infos)], overwrite)
     n = len(source)
-    pixel_out = np.empty(n)
 
     def prepare(rows: np.ndarray) -> dict:
-        meta = metadata_batch(source, rows)
-        return processor(torch.from_numpy(source.read(rows)).to(dev), meta["pixel_size_A"].to(dev),
-                         meta["data_sign"].to(dev), meta["ctf_params"], mode)
+        return _prepare(source, rows, processor, ctf_processor, plan, mode, dev)
 
-    with StackWriter(stack_path, n, processor.out_box, float(source.table.particles["pixel_size_A"].median())
-                     * source.box / processor.out_box, overwrite=overwrite) as writer:
+    snr = None
+    if card.snr_range is not None:
+        snr = estimate_snr(prepare(np.unique(np.linspace(0, n - 1, min(n, 256)).astype(np.int64)))["images"])
+    for message in range_warnings(card, plan, snr):
+        print(f"cryol denoise: warning: {message}", file=sys.stderr)
+
+    pixel_out = source.table.particles["pixel_size_A"].to_numpy(np.float64) * scale
+    with StackWriter(stack_path, n, out_box, pixel_in * scale, overwrite=overwrite) as writer:
         progress = tqdm(total=n, desc="denoising", unit="particle", disable=None)
         for start in range(0, n, chunk_particles):  # bounded memory: sets are formed within chunks
             chunk = np.arange(start, min(start + chunk_particles, n))
@@ -145,44 +158,71 @@ def _run(task, source: ParticleSource, star: Path, out: Path, set_size: int, con
                     batch = max(1, batch // 2)  # back off and retry the same sets
                     torch.cuda.empty_cache()
                     continue
-                for rows, (images, pixels) in zip(group, outputs):
+                for rows, (denoised, prepared) in zip(group, outputs):
+                    images = plan.model_output(denoised, prepared["mean"], prepared["std"], model_scale)
                     writer.write_rows(rows, images.cpu())
-                    pixel_out[rows] = pixels.cpu().numpy()
                     progress.update(len(rows))
                 i += len(group)
         progress.close()
-    write_star_for_stack(source.table, star_path, stack_path, processor.out_box, pixel_out, overwrite=overwrite,
-                         ctf_mode=mode)
+    write_star_for_stack(source.table, star_path, stack_path, out_box, pixel_out, overwrite=overwrite, ctf_mode=mode)
     return stack_path, star_path
 
 
+def _prepare(source: ParticleSource, rows: np.ndarray, processor: Preprocessor, ctf_processor: Preprocessor,
+             plan: ScalePlan, mode: str, dev: torch.device) -> dict:
+    """Rows of ``source`` as the model sees them: ``images`` and effective ``ctf`` ``(n, M, M)`` on
+    the model's grid, ``pixel_size`` ``(n,)`` there, and the ``mean``/``std`` that
+    :meth:`ScalePlan.model_output` needs."""
+    meta = metadata_batch(source, rows)
+    pixels, sign = meta["pixel_size_A"].to(dev), meta["data_sign"].to(dev)
+    images = torch.from_numpy(source.read(rows)).to(dev)
+    if plan.identity:  # as the model was trained: one pass, CTF included
+        out = processor(images, pixels, sign, meta["ctf_params"], mode)
+        mean, std = plan.model_input(out["images"])[1:]
+        return {**out, "mean": mean, "std": std}
+    x, mean, std = plan.model_input(processor(images, pixels, sign, None, mode)["images"])
+    # x is processed already: this pass only computes the effective CTF at the model's box and pixel size
+    out = ctf_processor(x, pixels * plan.scale, torch.ones_like(sign), meta["ctf_params"], mode)
+    return {**out, "mean": mean, "std": std}
+
+
 @torch.no_grad()
-def _denoise_group(task, group: list[np.ndarray], prepare) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Denoise sets of possibly different sizes: equal sizes are batched together."""
+def _denoise_group(task, group: list[np.ndarray], prepare) -> list[tuple[torch.Tensor, dict]]:
+    """Denoise sets of possibly different sizes (equal sizes are batched together); returns each
+    set's model output and its prepared inputs."""
     results: list = [None] * len(group)
     for size in sorted({len(g) for g in group}):
         idx = [k for k, g in enumerate(group) if len(g) == size]
         prepared = [prepare(group[k]) for k in idx]
-        noisy = torch.stack([p["images"] for p in prepared])  # (B, N, L, L)
+        noisy = torch.stack([p["images"] for p in prepared])  # (B, N, M, M)
         ctf = torch.stack([p["ctf"].expand_as(p["images"]) for p in prepared])
-        denoised = task(noisy, ctf, torch.ones(len(idx), device=noisy.device))
+        # The background ring used for normalisation (beyond 0.75 L / 2) can hold the edges of a
+        # large particle; the corners outside the inscribed disk are noise only: the set's noise
+        # variance, in normalised units, from there.
+        denoised = task(noisy, ctf, estimate_noise_variance(noisy).mean(-1))
         for j, k in enumerate(idx):
-            results[k] = (denoised[j], prepared[j]["pixel_size"])
+            results[k] = (denoised[j], prepared[j])
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse ``cryol denoise`` arguments and run :func:`denoise_particles`."""
     p = tool_parser("cryol denoise", __doc__)
-    p.add_argument("--ckpt", required=True, help="checkpoint of a DenoiseTask or SelfSupervisedDenoiseTask (cryol fit)")
     p.add_argument("--star", required=True, help="particles: RELION .star, cryoSPARC .cs or a plain .mrcs stack")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--set-size", type=int, default=64, help="images per context set")
+    p.add_argument("--model", type=str | None, default=None,
+                   help="a shipped model (cryol models lists them); default: the default shipped model")
+    p.add_argument("--ckpt", type=str | None, default=None,
+                   help="instead of --model: a cryol fit checkpoint (DenoiseTask, SelfSupervisedDenoiseTask, "
+                        "JointTask)")
+    p.add_argument("--set-size", type=int | None, default=None,
+                   help="images per context set (default: the model's; 64 for single-image networks)")
     p.add_argument("--context", type=str, default="random", help="'random' or 'neighbours' (rotation-invariant kNN)")
     p.add_argument("--batch-sets", type=int, default=4, help="sets per forward pass (halved on GPU out-of-memory)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random sets")
+    add_flag(p, "--model-scale", False, "write at the model's box and pixel size instead of the input's")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     stack, star = denoise_particles(args.ckpt, args.star, args.out, args.set_size, args.context, args.batch_sets,
                                     args.datadir, args.pixel_size, parse_assume(args.assume), args.device,
-                                    args.overwrite, args.seed)
+                                    args.overwrite, args.seed, model=args.model, model_scale=args.model_scale)
     print(f"Wrote {stack} and {star}")

@@ -12,7 +12,10 @@ with the raw ones: the moments of the denoised images against the noise-debiased
 raw images (per CTF group and angular block, with the raw estimate's sampling error as the
 yardstick), and, when the STAR carries poses, the cross-validation FRC: each half set's
 images (raw and denoised) against projections of a map reconstructed from the other half's
-raw images. Writes metrics.json, CSV tables and PNG plots into ``--out`` and prints a summary.
+raw images. ``--denoiser`` (a shipped model name or a ``cryol fit`` checkpoint) instead of
+``--denoised`` denoises every particle first, as ``cryol denoise`` does (at the input's box and
+pixel size), and evaluates the result. Writes metrics.json, CSV tables and PNG plots into
+``--out`` and prints a summary.
 """
 
 from __future__ import annotations
@@ -278,22 +281,30 @@ def evaluate(
     box: int | None = None, max_images: int | None = 10000, k_max: int = 8, bandlimit: float = 0.5,
     ctf_groups: int = 4, frc: bool = True, lam: float = 1e-2, iterations: int = 30, datadir: str | None = None,
     pixel_size: float | None = None, assume: dict[str, float] | None = None, device: str = "auto",
-    overwrite: bool = False, seed: int = 0,
+    overwrite: bool = False, seed: int = 0, denoiser: str | None = None,
 ) -> dict:
-    """Run ``cryol evaluate`` (module docstring); returns the metrics also written to ``metrics.json``."""
-    if not half_maps and not (particles or denoised):
+    """Run ``cryol evaluate`` (module docstring); returns the metrics also written to ``metrics.json``.
+
+    ``denoiser``: a shipped model name or checkpoint that denoises ``particles`` first, in place of
+    ``denoised``."""
+    if denoised and denoiser:
+        raise InputError("--denoised and --denoiser both given: evaluate a denoised stack, or denoise with a model")
+    if not half_maps and not (particles or denoised or denoiser):
         raise InputError("nothing to evaluate: give --half-maps H1.mrc H2.mrc and/or --particles RAW.star "
                          "--denoised DENOISED.star")
     if half_maps and len(half_maps) != 2:
         raise InputError(f"--half-maps takes two maps, got {len(half_maps)}")
     if mask and not half_maps:
         raise InputError("--mask applies to --half-maps; give the two half maps too")
-    if bool(particles) != bool(denoised):
-        raise InputError("--particles and --denoised go together: the raw particles and their denoised images")
+    if bool(particles) != bool(denoised or denoiser):
+        raise InputError("--particles and --denoised (or --denoiser) go together: the raw particles and their "
+                         "denoised images (or the model that denoises them)")
     if max_images is not None and max_images < 2:
         raise InputError(f"--max-images {max_images}: need at least 2 particles")
     if denoised_units not in UNITS:
         raise InputError(f"--denoised-units must be one of {', '.join(UNITS)} (got {denoised_units!r})")
+    if denoiser and denoised_units != "normalized":
+        raise InputError("--denoiser writes normalized units (as cryol denoise does); drop --denoised-units")
     folder = Path(out)
     paths = {"json": folder / "metrics.json"}
     metrics: dict = {}
@@ -302,6 +313,13 @@ def evaluate(
         inputs = [Path(p) for p in (*(half_maps or []), mask) if p]
         raw = den = None
         if particles:
+            if denoiser:  # denoised as `cryol denoise` would, into the scratch folder
+                from cryo_lightning.tools.denoise import denoise_particles
+
+                is_file = Path(denoiser).is_file()
+                denoised = str(denoise_particles(denoiser if is_file else None, particles, str(Path(tmp) / "denoised"),
+                                                 datadir=datadir, pixel_size=pixel_size, assume=assume, device=device,
+                                                 seed=seed, model=None if is_file else denoiser)[1])
             raw = open_particle_input(particles, Path(tmp), datadir, pixel_size, assume)
             den = _open_denoised(denoised, raw, Path(tmp), datadir, assume)
             # the denoised file's metadata only identifies its images (CTF and poses come from the
@@ -348,7 +366,9 @@ def evaluate(
             pixel = float(data["pixel"].median())
             seconds["read"] = time.perf_counter() - t
             metrics["particles"] = {
-                "raw": str(particles), "denoised": str(denoised), "n_images": int(len(rows)), "box": L,
+                "raw": str(particles),
+                "denoised": f"{denoiser} (denoised by cryol evaluate)" if denoiser else str(denoised),
+                "n_images": int(len(rows)), "box": L,
                 "pixel_size_A": pixel, "denoised_units": denoised_units, "ctf_mode": raw.ctf_mode(PreprocessConfig()),
                 "noise_variance": {"source": "background" if noise_variance is None else "--noise-variance",
                                    "mean_normalised": float(data["sigma2"].mean())},
@@ -451,6 +471,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="raw particles: RELION .star, cryoSPARC .cs or a plain .mrcs stack")
     p.add_argument("--denoised", type=str | None, default=None,
                    help="the same particles denoised, same order (STAR from cryol denoise, or a .mrcs stack)")
+    p.add_argument("--denoiser", type=str | None, default=None,
+                   help="instead of --denoised: a shipped model (cryol models) or cryol fit checkpoint that denoises "
+                        "--particles first, as cryol denoise does")
     p.add_argument("--denoised-units", type=str, default="normalized",
                    help="'normalized': background-normalised units as cryol denoise writes them; "
                         "'raw': the raw stack's units")
@@ -470,5 +493,5 @@ def main(argv: list[str] | None = None) -> None:
     metrics = evaluate(args.out, args.half_maps, args.mask, args.particles, args.denoised, args.denoised_units,
                        args.noise_variance, args.box, args.max_images, args.k_max, args.bandlimit, args.ctf_groups,
                        args.frc, args.lam, args.iterations, args.datadir, args.pixel_size, parse_assume(args.assume),
-                       args.device, args.overwrite, args.seed)
+                       args.device, args.overwrite, args.seed, args.denoiser)
     print(summary(metrics))

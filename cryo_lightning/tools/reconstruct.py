@@ -6,7 +6,8 @@ Example::
     cryol reconstruct --star particles.star --method moments --box 32 --out map.mrc
 
 reads a RELION STAR, a cryoSPARC .cs or a plain .mrcs stack, downsamples and normalises the
-particles (``--box``), optionally denoises them with a trained model (``--denoiser``) and/or
+particles (``--box``), optionally denoises them with a shipped or trained model (``--denoiser``,
+at the model's pixel size, as ``cryol denoise`` does) and/or
 replaces them by class averages (``--class-average``), finds the common lines of every pair,
 estimates the poses by synchronization voting, and reconstructs by conjugate gradients with
 each image's CTF. Writes ``map.mrc`` (with its pixel size), the two half maps, ``map.star`` (the
@@ -49,6 +50,7 @@ from cryo_lightning.abinitio.reconstruct import reconstruct
 from cryo_lightning.abinitio.synchronization import estimate_rotations
 from cryo_lightning.data.particles import ParticleSource, metadata_batch
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
+from cryo_lightning.data.resample import estimate_snr
 from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import read_map, require_cubic, write_map, write_stack
@@ -111,20 +113,31 @@ def _load(source: ParticleSource, rows: np.ndarray, processor: Preprocessor, dev
     return torch.cat(images), torch.cat(ctfs), float(torch.cat(pixels).median())
 
 
-def _denoise(ckpt: str, images: torch.Tensor, ctf: torch.Tensor, set_size: int, seed: int) -> torch.Tensor:
-    """Denoise in random context sets with a DenoiseTask checkpoint (CTF-affected clean estimates)."""
-    from cryo_lightning.tasks.denoise import DenoiseTask  # Lightning only for this option
+def _denoise(spec: str, images: torch.Tensor, source: ParticleSource, rows: np.ndarray, pixel: float, mode: str,
+             set_size: int | None, seed: int) -> torch.Tensor:
+    """Denoise ``(n, L, L)`` background-normalised images (of table ``rows``, ``pixel`` Angstrom) in
+    random context sets with a shipped model or a checkpoint (``spec``), at the model's scale as
+    ``cryol denoise`` does; returns CTF-affected clean estimates at box ``L``."""
+    from cryo_lightning.tasks.pretrained import default_set_size, load_denoiser, range_warnings, scale_plan
     from cryo_lightning.tools.denoise import context_sets
 
-    task = DenoiseTask.load_from_checkpoint(ckpt, map_location=images.device).eval()
-    if getattr(task.net, "L", images.shape[-1]) != images.shape[-1]:
-        raise InputError(f"{ckpt}: the denoiser was trained at box {task.net.L}; pass --box {task.net.L}")
+    task, card = load_denoiser(spec, images.device)
+    plan = scale_plan(task, card, images.shape[-1], pixel)
+    snr = estimate_snr(plan.model_input(images[:256])[0]) if card.snr_range is not None else None
+    for message in range_warnings(card, plan, snr):
+        print(f"cryol reconstruct: warning: {message}", file=sys.stderr)
+    ctf_processor = Preprocessor(PreprocessConfig(normalize=False), plan.model_box)
+    meta = metadata_batch(source, rows)
+    pixels = meta["pixel_size_A"].to(images.device) * (source.box / images.shape[-1]) * plan.scale
     out = torch.empty_like(images)
     with torch.no_grad():
-        for rows in tqdm(context_sets(len(images), set_size, "random", seed), desc="denoising", unit="set",
-                         disable=None):
-            idx = torch.as_tensor(rows, device=images.device)
-            out[idx] = task(images[idx][None], ctf[idx][None], torch.ones(1, device=images.device))[0]
+        for members in tqdm(context_sets(len(images), set_size or default_set_size(card), "random", seed),
+                            desc="denoising", unit="set", disable=None):
+            idx = torch.as_tensor(members, device=images.device)
+            x, mean, std = plan.model_input(images[idx])
+            params = None if meta["ctf_params"] is None else meta["ctf_params"][members]
+            ctf = ctf_processor(x, pixels[idx], torch.ones_like(pixels[idx]), params, mode)["ctf"].expand_as(x)
+            out[idx] = plan.model_output(task(x[None], ctf[None], torch.ones(1, device=images.device))[0], mean, std)
     return out
 
 
@@ -140,7 +153,7 @@ def _true_rotations(source: ParticleSource, rows: np.ndarray, star: Path) -> tor
 def reconstruct_particles(
     star: str, out: str, method: str = "common-lines", box: int | None = 64, max_images: int | None = 2000,
     class_average: bool = False, n_classes: int | None = None, n_neighbors: int = 10, denoiser: str | None = None,
-    set_size: int = 64, reference: str | None = None, n_angles: int = 360, max_radius: float = 0.4,
+    set_size: int | None = None, reference: str | None = None, n_angles: int = 360, max_radius: float = 0.4,
     lam: float = 1e-2, iterations: int = 30, datadir: str | None = None, pixel_size: float | None = None,
     assume: dict[str, float] | None = None, device: str = "auto", overwrite: bool = False, seed: int = 0,
     moments: MomentOptions | None = None,
@@ -182,7 +195,7 @@ def reconstruct_particles(
 
         if denoiser:
             t = time.perf_counter()
-            images = _denoise(denoiser, images, ctf, set_size, seed)
+            images = _denoise(denoiser, images, source, rows, pixel, source.ctf_mode(processor.config), set_size, seed)
             timings["denoise"] = time.perf_counter() - t
 
         if method in ("moments", "learned"):
@@ -442,8 +455,10 @@ def main(argv: list[str] | None = None) -> None:
     add_flag(p, "--class-average", False, "replace the particles by CTF-corrected class averages first")
     p.add_argument("--n-classes", type=int | None, default=None, help="class averages to use (default: one per image)")
     p.add_argument("--n-neighbors", type=int, default=10, help="images per class")
-    p.add_argument("--denoiser", type=str | None, default=None, help="checkpoint of a DenoiseTask to denoise with first")
-    p.add_argument("--set-size", type=int, default=64, help="context set size for the denoiser")
+    p.add_argument("--denoiser", type=str | None, default=None,
+                   help="denoise first with a shipped model (cryol models) or a cryol fit checkpoint")
+    p.add_argument("--set-size", type=int | None, default=None,
+                   help="context set size for the denoiser (default: the model's)")
     p.add_argument("--reference", type=str | None, default=None,
                    help="ground-truth map (.mrc): FSC against it, after registering onto the STAR's angles")
     p.add_argument("--n-angles", type=int, default=360, help="angular sampling of the common-line search")

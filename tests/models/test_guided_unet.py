@@ -68,3 +68,20 @@ def test_cwf_guide_and_training_subset():
     assert full.shape == b["noisy"].shape and not torch.allclose(full[:, 8:], guide[:, 8:])
     with pytest.raises(ValueError, match="guide"):
         GuidedUNet(guide="oracle")
+
+
+def test_quarter_turns_make_the_output_rotate_with_the_input():
+    """Averaged over the four quarter turns, the network commutes with them (odd box: rot90 keeps
+    the centre pixel L // 2; the radial Wiener guide commutes with them by itself)."""
+    torch.manual_seed(0)
+    net = GuidedUNet(depth=2, channels=4, quarter_turns=True)
+    torch.nn.init.normal_(net.net.head.weight, std=0.1)
+    net.eval()
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        turned = net(torch.rot90(x, 1, (-2, -1)))
+        plain = torch.rot90(net(x), 1, (-2, -1))
+    torch.testing.assert_close(turned, plain, rtol=1e-4, atol=1e-5)
+    net.quarter_turns = False
+    with torch.no_grad():
+        assert not torch.allclose(net(torch.rot90(x, 1, (-2, -1))), torch.rot90(net(x), 1, (-2, -1)), atol=1e-4)

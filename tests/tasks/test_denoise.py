@@ -52,3 +52,19 @@ def test_fit_start_fits_a_population_prior(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(task, datamodule=_datamodule(8))
     assert not net.needs_population and float(net.cwf_prior.abs().sum()) > 0
+
+
+def test_init_ckpt_starts_the_network_from_a_checkpoints_weights(tmp_path):
+    torch.manual_seed(0)
+    trained = DenoiseTask(DnCNN(depth=3, channels=4))
+    path = tmp_path / "start.ckpt"
+    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": {}}, path)
+    task = DenoiseTask(DnCNN(depth=3, channels=4), init_ckpt=str(path))
+    assert not torch.equal(task.net.body[0].weight, trained.net.body[0].weight)
+    task.configure_model()
+    for a, b in zip(task.net.state_dict().values(), trained.net.state_dict().values()):
+        assert torch.equal(a, b)
+    # read once: a restored checkpoint overwrites the starting weights afterwards
+    torch.nn.init.zeros_(task.net.body[0].weight)
+    task.configure_model()
+    assert not task.net.body[0].weight.any()

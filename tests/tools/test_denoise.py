@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import shutil
+import tempfile
+from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -13,7 +15,11 @@ import starfile
 import torch
 
 from cryo_lightning.cli import main
-from cryo_lightning.io.mrc import read_stack
+from cryo_lightning.data.preprocess import background_normalize
+from cryo_lightning.data.resample import plan_scale
+from cryo_lightning.io.mrc import read_stack, write_stack
+from cryo_lightning.tasks.pretrained import MANIFEST_ENV, export_weights, load_pretrained
+from cryo_lightning.tools.common import open_particle_input
 from cryo_lightning.tools.denoise import context_sets, rotation_invariant_embedding
 
 
@@ -32,22 +38,10 @@ data:
 """
 
 
-def _fit(folder, config: str):
-    """`cryol fit` on ``config`` run inside ``folder``; returns its last checkpoint."""
-    (folder / "tiny.yaml").write_text(config)
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        main(["fit", "--config", "tiny.yaml"])
-    finally:
-        os.chdir(cwd)
-    return folder / "ckpt" / "last.ckpt"
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, cryol_fit):
     """A checkpoint written by `cryol fit`, as users get them."""
-    return _fit(tmp_path_factory.mktemp("ckpt"), CONFIG)
+    return cryol_fit(tmp_path_factory.mktemp("ckpt"), CONFIG)
 
 
 def _digest(paths):
@@ -65,17 +59,23 @@ def test_denoise_writes_valid_outputs_and_leaves_inputs(shared_data, tmp_path, c
         shutil.copy(p, folder / p.name)
     copies = sorted(folder.iterdir())
     before = _digest(copies)
-    out = tmp_path / "out"
-    main(["denoise", "--ckpt", str(checkpoint), "--star", str(folder / name), "--out", str(out),
-          "--set-size", "3", "--context", "neighbours", *extra])
-    assert _digest(copies) == before
-    stem = name.rsplit(".", 1)[0]
-    with mrcfile.open(out / f"{stem}.mrcs") as f:
-        n = f.data.shape[0]
-        assert f.data.shape[1:] == (24, 24) and np.isfinite(f.data).all()
-    blocks = starfile.read(out / f"{stem}.star", always_dict=True)
-    assert list(blocks) == ["optics", "particles"] and len(blocks["particles"]) == n
-    assert int(blocks["optics"]["rlnImageSize"][0]) == 24
+    with tempfile.TemporaryDirectory() as scratch:
+        particles = open_particle_input(folder / name, Path(scratch), None, 4.0 if extra else None, None)
+        box, pixel = particles.box, float(particles.table.particles["pixel_size_A"].median())
+    for scale, out in (([], tmp_path / "out"), (["--model-scale"], tmp_path / "out_model")):
+        main(["denoise", "--ckpt", str(checkpoint), "--star", str(folder / name), "--out", str(out),
+              "--set-size", "3", "--context", "neighbours", *extra, *scale])
+        assert _digest(copies) == before
+        stem = name.rsplit(".", 1)[0]
+        with mrcfile.open(out / f"{stem}.mrcs") as f:
+            n = f.data.shape[0]
+            # the input's box and pixel size by default; the set transformer's 24 pixels with --model-scale
+            assert f.data.shape[1:] == ((24, 24) if scale else (box, box)) and np.isfinite(f.data).all()
+        blocks = starfile.read(out / f"{stem}.star", always_dict=True)
+        assert list(blocks) == ["optics", "particles"] and len(blocks["particles"]) == n
+        assert int(blocks["optics"]["rlnImageSize"][0]) == (24 if scale else box)
+        if not scale:
+            assert float(blocks["optics"]["rlnImagePixelSize"][0]) == pytest.approx(pixel, rel=1e-6)
 
 
 def test_context_sets_partition_and_group_similar_images():
@@ -107,12 +107,171 @@ data:
 """
 
 
-def test_denoise_uses_the_denoiser_of_a_joint_checkpoint(shared_data, tmp_path):
+def test_denoise_uses_the_denoiser_of_a_joint_checkpoint(shared_data, tmp_path, cryol_fit):
     # The main job's checkpoint (JointTask) denoises particles like a DenoiseTask's
-    ckpt = _fit(tmp_path, JOINT_CONFIG)
+    ckpt = cryol_fit(tmp_path, JOINT_CONFIG)
     stack = shared_data / "real" / "cryodrgn" / "hand.5.mrcs"
     out = tmp_path / "out"
     main(["denoise", "--ckpt", str(ckpt), "--star", str(stack), "--out", str(out),
           "--set-size", "3", "--pixel-size", "4.0"])
     with mrcfile.open(out / "hand.5.mrcs") as f:
         assert f.data.shape == tuple(read_stack(stack).shape) and np.isfinite(f.data).all()
+
+
+# -- shipped models, any box and pixel size ----------------------------------------------------
+
+UNET_CONFIG = """
+trainer: {accelerator: cpu, max_steps: 1, limit_val_batches: 0, logger: false, enable_progress_bar: false,
+          callbacks: [{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: ckpt, save_last: true}}]}
+model:
+  class_path: cryo_lightning.tasks.denoise.DenoiseTask
+  init_args:
+    net: {class_path: cryo_lightning.models.unet.UNet, init_args: {depth: 2, channels: 4}}
+data:
+  class_path: cryo_lightning.data.synthetic.SyntheticSetDataModule
+  init_args: {box: 32, batch_size: 1, train_sets_per_epoch: 2, n_train_molecules: 2,
+              simulation: {set_size: 2, pixel_size: 5.0}}
+"""
+CARD = {"name": "tiny-unet", "file": "tiny-unet.pt", "kind": "single-image", "description": "a test U-Net",
+        "config": "tests/tools/test_denoise.py", "train_command": "cryol fit --config tiny.yaml",
+        "wall_time": "5 s, 2 CPU cores", "box": 64, "pixel_size_range": [4.0, 6.0], "snr_range": [0.05, 0.5],
+        "set_size": 1, "held_out": {}}
+
+
+@pytest.fixture(scope="module")
+def unet_registry(tmp_path_factory, cryol_fit):
+    """A registry whose default (and only) model is a tiny U-Net, 'trained' at 4-6 A and box 64."""
+    folder = tmp_path_factory.mktemp("unet")
+    export_weights(cryol_fit(folder, UNET_CONFIG), folder / "tiny-unet.pt")
+    manifest = folder / "models.json"
+    manifest.write_text(json.dumps({"default": "tiny-unet", "models": [CARD]}))
+    return manifest
+
+
+@pytest.fixture
+def shipped(unet_registry, monkeypatch):
+    """The test registry in place of the shipped one."""
+    monkeypatch.setenv(MANIFEST_ENV, str(unet_registry))
+    return unet_registry
+
+
+def _stack(folder, box: int, pixel: float, n: int = 6) -> Path:
+    """``n`` images of a centred Gaussian blob (SNR about 0.36 in the inscribed disk) in unit white
+    noise, with ``pixel`` in the header."""
+    r = (torch.arange(box) - box // 2).float()
+    blob = 3 * torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * (box / 10) ** 2))
+    images = blob + torch.randn(n, box, box, generator=torch.Generator().manual_seed(box))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"stack_{box}.mrcs"
+    write_stack(path, images, pixel)
+    return path
+
+
+def _expected(stack: Path, plan, model_scale: bool = False) -> torch.Tensor:
+    """What cryol denoise should write: the test model at its scale, by hand."""
+    task, _ = load_pretrained("tiny-unet")
+    x, mean, std = plan.model_input(background_normalize(read_stack(stack)))
+    with torch.no_grad():
+        return plan.model_output(task(x[None])[0], mean, std, model_scale)
+
+
+@pytest.mark.parametrize("box", [32, 64, 100, 128])
+@pytest.mark.parametrize("pixel", [1.0, 2.5, 5.0, 12.0])
+def test_denoise_at_any_box_and_pixel_size(shipped, tmp_path, box, pixel):
+    stack = _stack(tmp_path, box, pixel)
+    plan = plan_scale(box, pixel, tuple(CARD["pixel_size_range"]))
+    for scale, out in (([], tmp_path / "out"), (["--model-scale"], tmp_path / "model")):
+        main(["denoise", "--star", str(stack), "--out", str(out), *scale])  # the default shipped model
+        L, A = (plan.model_box, plan.model_pixel_size) if scale else (box, pixel)
+        with mrcfile.open(out / f"{stack.stem}.mrcs") as f:
+            data = torch.from_numpy(f.data.copy())
+            assert data.shape == (6, L, L) and float(f.voxel_size.x) == pytest.approx(A, rel=1e-5)
+        assert torch.allclose(data, _expected(stack, plan, bool(scale)), atol=1e-4)
+        optics = starfile.read(out / f"{stack.stem}.star", always_dict=True)["optics"]
+        assert int(optics["rlnImageSize"][0]) == L
+        assert float(optics["rlnImagePixelSize"][0]) == pytest.approx(A, rel=1e-5)
+        if scale:  # the model saw a pixel size in its range
+            assert 4.0 * 0.99 <= A <= 6.0 * 1.01
+
+
+def test_box_larger_than_the_training_box(shipped, tmp_path, capsys):
+    stack = _stack(tmp_path, 128, 5.0)  # in the pixel-size range: no resampling, twice the training box
+    main(["denoise", "--star", str(stack), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "box 128 at the model's pixel size (5 A) differs from the training box 64 of model tiny-unet" in err
+    assert "pixel size" not in err.replace("model's pixel size", "")
+    task, _ = load_pretrained("tiny-unet")
+    with torch.no_grad():
+        expected = task(background_normalize(read_stack(stack))[None])[0]
+    assert torch.equal(read_stack(tmp_path / "out" / "stack_128.mrcs"), expected)  # the network on the input itself
+
+
+def test_pixel_size_outside_the_range_warns(shipped, tmp_path, capsys):
+    main(["denoise", "--star", str(_stack(tmp_path, 64, 1.0)), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert ("cryol denoise: warning: pixel size 1 A is outside the range model tiny-unet was trained at (4-6 A); "
+            "the model sees the particles resampled to 4 A") in err
+    assert "box 16 at the model's pixel size (4 A) differs from the training box 64" in err
+    main(["denoise", "--star", str(_stack(tmp_path / "5A", 64, 5.0)), "--out", str(tmp_path / "in_range")])
+    warnings = [l for l in capsys.readouterr().err.splitlines() if "warning" in l and "no CTF parameters" not in l]
+    assert warnings == []  # in range, the training box, SNR 0.36 in 0.05-0.5
+
+
+def test_unknown_model_and_no_shipped_model_give_clear_errors(shipped, tmp_path, capsys, monkeypatch):
+    stack = _stack(tmp_path, 32, 5.0)
+    with pytest.raises(SystemExit) as err:
+        main(["denoise", "--model", "nope", "--star", str(stack), "--out", str(tmp_path / "out")])
+    assert err.value.code == 2
+    assert "cryol denoise: error: unknown model 'nope'; available: tiny-unet" in capsys.readouterr().err
+    empty = tmp_path / "models.json"
+    empty.write_text(json.dumps({"default": None, "models": []}))
+    monkeypatch.setenv(MANIFEST_ENV, str(empty))
+    with pytest.raises(SystemExit):
+        main(["denoise", "--star", str(stack), "--out", str(tmp_path / "out")])
+    assert "no default denoiser" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["denoise", "--ckpt", "missing.ckpt", "--star", str(stack), "--out", str(tmp_path / "out")])
+    assert "--ckpt missing.ckpt: no such file" in capsys.readouterr().err
+
+
+def test_default_model_is_the_named_one(shipped, tmp_path):
+    stack = _stack(tmp_path, 64, 2.0)
+    main(["denoise", "--star", str(stack), "--out", str(tmp_path / "a")])
+    main(["denoise", "--model", "tiny-unet", "--star", str(stack), "--out", str(tmp_path / "b")])
+    assert _digest([tmp_path / "a" / "stack_64.mrcs"]) == _digest([tmp_path / "b" / "stack_64.mrcs"])
+
+
+def test_fixed_box_model_sees_its_field_of_view(checkpoint, tmp_path, capsys):
+    # the set transformer (L = 24) was trained at 8 A (recorded in its checkpoint): 64 px at 4 A would be
+    # 10.7 A at its box, so it sees the central 48 px (192 A) resampled to 8 A; outside them the output is 0
+    stack = _stack(tmp_path, 64, 4.0)
+    main(["denoise", "--ckpt", str(checkpoint), "--star", str(stack), "--out", str(tmp_path / "out"),
+          "--set-size", "3"])
+    assert "cropped to the 192 A it sees" in capsys.readouterr().err
+    out = read_stack(tmp_path / "out" / "stack_64.mrcs")
+    assert out.shape == (6, 64, 64) and bool(torch.isfinite(out).all())
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    inside[8:56, 8:56] = True
+    assert float(out[:, ~inside].abs().max()) == 0 and float(out[:, inside].abs().max()) > 0
+    small = _stack(tmp_path, 20, 4.0)  # 80 A: zero-padded to 192 A
+    main(["denoise", "--ckpt", str(checkpoint), "--star", str(small), "--out", str(tmp_path / "small"),
+          "--set-size", "3"])
+    assert read_stack(tmp_path / "small" / "stack_20.mrcs").shape == (6, 20, 20)
+
+
+def test_reconstruct_and_evaluate_load_the_same_denoisers(shipped, checkpoint, tmp_path):
+    sim = tmp_path / "sim"
+    main(["simulate", "--volume", "random", "--n-images", "40", "--box", "32", "--pixel-size", "6.0",
+          "--snr", "1", "--no-ctf", "--out", str(sim), "--seed", "1"])
+    # the set transformer has box 24: no longer refused at --box 32
+    for denoiser in (str(checkpoint), "tiny-unet"):
+        out = tmp_path / f"rec_{len(denoiser)}" / "map.mrc"
+        main(["reconstruct", "--star", str(sim / "particles.star"), "--out", str(out), "--box", "32",
+              "--denoiser", denoiser, "--set-size", "8", "--n-angles", "72", "--iterations", "3"])
+        with mrcfile.open(out) as f:
+            assert f.data.shape == (32, 32, 32) and np.isfinite(f.data).all()
+    main(["evaluate", "--particles", str(sim / "particles.star"), "--denoiser", "tiny-unet", "--no-frc",
+          "--out", str(tmp_path / "eval")])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["particles"]["denoised"] == "tiny-unet (denoised by cryol evaluate)"
+    assert metrics["particles"]["n_images"] == 40 and metrics["particles"]["box"] == 32
