@@ -2,15 +2,16 @@
 
 `cryol simulate` writes clean images beside the noisy ones, so a model fine-tuned without clean
 images (configs/finetune_relion.yaml) can be scored against the truth. Each checkpoint
-(``LABEL=PATH``: a DenoiseTask, SelfSupervisedDenoiseTask or JointTask checkpoint) denoises every
+(``LABEL=PATH``: a DenoiseTask, SelfSupervisedDenoiseTask or JointTask checkpoint, or
+``LABEL=pretrained:NAME``, a shipped model with its registry settings) denoises every
 particle of the stack with `cryol denoise` (random context sets); the clean images are normalised
 as `cryol denoise` normalises the noisy ones (each noisy image's background mean and standard
 deviation, background beyond 0.75 L / 2), and the mean per-image relative MSE is reported, with
 the noisy input's as the reference.
 
     python benchmarks/finetune.py --sim runs/quickstart/simulated \\
-        --checkpoint "demo=runs/quickstart/checkpoints/last.ckpt" \\
-        "fine-tuned=runs/finetune_relion/checkpoints/last.ckpt" --out benchmarks/results/finetune_cpu
+        --checkpoint "shipped=pretrained:cwf-unet-real" \\
+        "fine-tuned=runs/finetune_relion/checkpoints/last.ckpt" --out benchmarks/results/finetune_shipped
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sim", default="runs/quickstart/simulated", help="a `cryol simulate` output folder")
     p.add_argument("--checkpoint", nargs="+", required=True, help="LABEL=PATH")
-    p.add_argument("--set-size", type=int, default=32)
+    p.add_argument("--set-size", type=int, default=32, help="context set size (0: each model's default)")
     p.add_argument("--out", default="benchmarks/results/finetune_cpu")
     args = p.parse_args()
     sim = Path(args.sim)
@@ -48,7 +49,9 @@ def main() -> None:
     for item in args.checkpoint:
         label, path = item.split("=", 1)
         with tempfile.TemporaryDirectory() as tmp:
-            stack, _ = denoise_particles(path, str(sim / "particles.star"), tmp, set_size=args.set_size, device="cpu")
+            shipped = path.removeprefix("pretrained:") if path.startswith("pretrained:") else None
+            stack, _ = denoise_particles(None if shipped else path, str(sim / "particles.star"), tmp,
+                                         set_size=args.set_size or None, device="cpu", model=shipped)
             denoised = read_stack(stack).float()
         rows.append({"label": label, "checkpoint": path, "rel_mse": float(relative_mse(denoised, clean).mean())})
         print(rows[-1], flush=True)

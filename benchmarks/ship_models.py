@@ -118,7 +118,8 @@ def main() -> None:
             "wall_time": " + ".join(f"{w / 60:.0f}" for w in walls) + f" min on {platform.machine()} CPU, 2 cores",
             "box": int(data["box"]), "pixel_size_range": [float(v) for v in data["pixel_size_range"]],
             "snr_range": [float(v) for v in sim["snr"]], "set_size": SET_SIZES[guide],
-            **({"max_box": MAX_BOXES[guide]} if MAX_BOXES[guide] else {}), "held_out": held,
+            **({"max_box": MAX_BOXES[guide]} if MAX_BOXES[guide] else {}),
+            "inference": {"sure_blend": True}, "held_out": held,
         })
         print(f"{name}: {out} ({out.stat().st_size / 1e6:.1f} MB), {held}")
     manifest.write_text(json.dumps({"default": entries[0]["name"], "models": entries}, indent=1) + "\n")

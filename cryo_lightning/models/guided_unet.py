@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from cryo_lightning.denoise.cwf import cwf_denoise
+from cryo_lightning.denoise.sure import apply_ring_weights, sure_ring_weights
 from cryo_lightning.denoise.wiener import wiener_denoise
 from cryo_lightning.models.unet import UNet
 
@@ -47,16 +48,27 @@ class GuidedUNet(nn.Module):
         quarter_turns: in evaluation, average the U-Net's correction over the four quarter turns
             of its input (the data are uniform over in-plane angles, so this only removes the
             network's orientation bias; 4x the U-Net's cost). Training is unaffected.
+        sure_blend: in evaluation, weight the correction per frequency ring by the SURE-optimal
+            weight in [0, 1] of :mod:`cryo_lightning.denoise.sure`, estimated from each set itself
+            (no ground truth): the output moves towards the guide in the bands where the learned
+            prior does not fit the data. Costs a second guide fit and the U-Net on
+            ``sure_probes`` more images. Training is unaffected. Reliable for sets of hundreds of
+            images; with a few dozen the weights are noisy.
+        sure_probes: images per set that carry the divergence probe.
     """
 
     def __init__(self, depth: int = 3, channels: int = 32, guide: str = "wiener",
-                 train_images: int | None = None, quarter_turns: bool = False) -> None:
+                 train_images: int | None = None, quarter_turns: bool = False, sure_blend: bool = False,
+                 sure_probes: int = 256) -> None:
         super().__init__()
         if guide not in GUIDES:
             raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
         if train_images is not None and train_images < 1:
             raise ValueError(f"train_images must be >= 1 or None, got {train_images}")
+        if sure_probes < 1:
+            raise ValueError(f"sure_probes must be >= 1, got {sure_probes}")
         self.guide, self.train_images, self.quarter_turns = guide, train_images, quarter_turns
+        self.sure_blend, self.sure_probes = sure_blend, sure_probes
         self.net = UNet(depth=depth, channels=channels, in_channels=2)
         nn.init.zeros_(self.net.head.weight)
         nn.init.zeros_(self.net.head.bias)
@@ -76,20 +88,47 @@ class GuidedUNet(nn.Module):
         if noise_variance is None:
             noise_variance = torch.ones(B, device=noisy.device, dtype=noisy.dtype)
         ctf = ctf.expand_as(noisy)
-        if self.guide == "wiener":
-            guide = wiener_denoise(noisy, ctf, noise_variance)
-        else:
-            guide = cwf_denoise(noisy, ctf, noise_variance)
+        guide = self._guide(noisy, ctf, noise_variance)
         sd = noise_variance.to(noisy.dtype).clamp_min(1e-12).sqrt().reshape(B, 1, 1, 1)
         k = N if not (self.training and self.train_images) else min(N, self.train_images)
-        x = torch.stack([noisy[:, :k] / sd, guide[:, :k] / sd], dim=2).reshape(B * k, 2, L, W)
+        correction = self._corrections(noisy[:, :k], guide[:, :k], sd)
+        if self.sure_blend and not self.training:
+            correction = self._sure_weighted(noisy, ctf, noise_variance, guide, correction, sd)
+        refined = guide[:, :k] + correction
+        return refined if k == N else torch.cat([refined, guide[:, k:]], dim=1)
+
+    def _guide(self, noisy: torch.Tensor, ctf: torch.Tensor, noise_variance: torch.Tensor) -> torch.Tensor:
+        if self.guide == "wiener":
+            return wiener_denoise(noisy, ctf, noise_variance)
+        return cwf_denoise(noisy, ctf, noise_variance)
+
+    def _corrections(self, noisy: torch.Tensor, guide: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+        """The U-Net's correction ``(B, k, L, L)`` in image units, from the noisy images and their guide."""
+        B, k, L, W = noisy.shape
+        x = torch.stack([noisy / sd, guide / sd], dim=2).reshape(B * k, 2, L, W)
         if self.training:
             correction = self.net.correction(x)
         else:  # in chunks of images: sets of a thousand at L = 128 would hold gigabytes of features
             chunk = max(1, _EVAL_PIXELS // (L * W))
             correction = torch.cat([self._correction(x[i:i + chunk]) for i in range(0, len(x), chunk)])
-        refined = guide[:, :k] + correction.reshape(B, k, L, W) * sd
-        return refined if k == N else torch.cat([refined, guide[:, k:]], dim=1)
+        return correction.reshape(B, k, L, W) * sd
+
+    def _sure_weighted(self, noisy: torch.Tensor, ctf: torch.Tensor, noise_variance: torch.Tensor,
+                       guide: torch.Tensor, correction: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+        """The correction weighted per frequency ring by SURE (:mod:`cryo_lightning.denoise.sure`):
+        the first ``sure_probes`` images of each set carry a Gaussian probe of ``eps = 0.05 sigma``,
+        and the guide is refitted to the probed set, so the divergence includes the guide's
+        dependence on the set. The probe is seeded: the same input gives the same output."""
+        S = min(noisy.shape[1], self.sure_probes)
+        generator = torch.Generator(device=noisy.device).manual_seed(0)
+        probe = torch.randn(noisy[:, :S].shape, generator=generator, device=noisy.device, dtype=noisy.dtype)
+        eps = 0.05 * sd  # small against the noise, large against float32 round-off in the U-Net
+        probed = noisy.clone()
+        probed[:, :S] += eps * probe
+        guide_probed = self._guide(probed, ctf, noise_variance)
+        response = (self._corrections(probed[:, :S], guide_probed[:, :S], sd) - correction[:, :S]) / eps
+        weights = sure_ring_weights(noisy, guide, correction, probe, response, noise_variance)
+        return apply_ring_weights(correction, weights)
 
     def _correction(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quarter_turns:

@@ -5,14 +5,16 @@ environment variable ``CRYOL_MODELS`` or a ``manifest`` argument points at anoth
 
     {"default": "<name>" | null,
      "models": [{"name", "file", "kind", "description", "config", "train_command", "wall_time",
-                 "box", "pixel_size_range", "snr_range", "set_size", "held_out"}, ...]}
+                 "box", "pixel_size_range", "snr_range", "set_size", "max_box", "inference", "held_out"}, ...]}
 
 ``file`` is a weights-only checkpoint (:func:`export_weights`) relative to the manifest's folder;
 ``kind`` is ``"single-image"`` or ``"set"``; ``box`` the training box (pixels);
 ``pixel_size_range`` ``[lo, hi]`` Angstrom per pixel and ``snr_range`` ``[lo, hi]`` (the SNR of
 docs/conventions.md §7) of the training data; ``set_size`` the context images per set the model
-wants at inference (1 for single-image networks); ``held_out`` free-form numbers measured on
-held-out data.
+wants at inference (1 for single-image networks); ``inference`` settings of the network applied
+when it is loaded (its attributes, e.g. ``{"sure_blend": true}`` for a
+:class:`~cryo_lightning.models.guided_unet.GuidedUNet`); ``held_out`` free-form numbers measured
+on held-out data.
 
 :func:`load_denoiser` is what ``cryol denoise``, ``cryol reconstruct --denoiser`` and
 ``cryol evaluate --denoiser`` use: it returns the task in evaluation mode and a
@@ -42,7 +44,7 @@ from cryo_lightning.io.errors import InputError
 from cryo_lightning.tasks.denoise import DenoiseTask
 
 __all__ = ["KINDS", "MANIFEST", "MANIFEST_ENV", "ModelCard", "manifest_path", "list_models", "default_model_name",
-           "find_model", "load_pretrained", "load_denoiser", "load_denoise_task", "resolve_checkpoint",
+           "find_model", "load_pretrained", "load_denoiser", "set_inference_option", "load_denoise_task", "resolve_checkpoint",
            "export_weights", "training_data", "describe_datamodule", "RecordTrainingData", "scale_plan",
            "range_warnings", "default_set_size"]
 
@@ -52,6 +54,8 @@ MANIFEST_ENV = "CRYOL_MODELS"
 PREFIX = "pretrained:"
 # images per forward-pass group for single-image networks, whose output does not depend on the set
 SINGLE_IMAGE_GROUP = 64
+# context set size of a guided model's checkpoint (its classical guide is fitted to the set)
+GUIDED_SET_SIZE = 1024
 
 
 @dataclass
@@ -72,6 +76,7 @@ class ModelCard:
         set_size: context images per set wanted at inference (1: single-image network).
         max_box: the largest box the model should see (a larger input is resampled to coarser
             pixels, within the pixel-size range), or None.
+        inference: network settings applied at load time (attribute name -> value).
         held_out: numbers measured on held-out data (free-form).
         default: True for the registry's default model.
     """
@@ -88,6 +93,7 @@ class ModelCard:
     snr_range: tuple[float, float] | None = None
     set_size: int = 1
     max_box: int | None = None
+    inference: dict[str, Any] = field(default_factory=dict)
     held_out: dict[str, Any] = field(default_factory=dict)
     default: bool = False
 
@@ -157,7 +163,7 @@ def list_models(manifest: str | os.PathLike | None = None) -> list[ModelCard]:
             pixel_size_range=_range(entry, "pixel_size_range", where), snr_range=_range(entry, "snr_range", where),
             set_size=int(entry.get("set_size") or 1), held_out=dict(entry.get("held_out") or {}),
             max_box=None if entry.get("max_box") is None else int(entry["max_box"]),
-            default=entry["name"] == default))
+            inference=dict(entry.get("inference") or {}), default=entry["name"] == default))
     names = [c.name for c in cards]
     if len(set(names)) != len(names):
         raise InputError(f"model registry {path}: duplicate names in {names}")
@@ -201,7 +207,25 @@ def load_pretrained(name: str | None = None, device: str | torch.device = "cpu",
     if card.file is None or not card.file.is_file():
         raise InputError(f"model {card.name!r}: its weights {card.file} are missing from the installation "
                          f"({manifest_path(manifest)})")
-    return load_denoise_task(card.file, torch.device(device)), card
+    task = load_denoise_task(card.file, torch.device(device))
+    for key, value in card.inference.items():
+        set_inference_option(task, key, value, f"model {card.name!r} ({manifest_path(manifest)})")
+    return task, card
+
+
+def set_inference_option(task: DenoiseTask, key: str, value: Any, where: str) -> None:
+    """Set the network's inference setting ``key`` (an attribute it already has, of the same type).
+
+    Raises:
+        InputError: the network has no such setting, or ``value`` is of another type.
+    """
+    net = task.net
+    if key.startswith("_") or not hasattr(net, key) or isinstance(getattr(net, key), (torch.nn.Module, torch.Tensor)):
+        raise InputError(f"{where}: {type(net).__name__} has no inference setting {key!r}")
+    current = getattr(net, key)
+    if current is not None and type(current) is not type(value):
+        raise InputError(f"{where}: {key} must be {type(current).__name__}, got {value!r}")
+    setattr(net, key, value)
 
 
 def load_denoiser(spec: str | os.PathLike | None = None, device: str | torch.device = "cpu",
@@ -294,6 +318,10 @@ def _checkpoint_card(path: Path, task: DenoiseTask) -> ModelCard:
     pixel = data.get("pixel_size_range") or ([data["pixel_size"]] * 2 if "pixel_size" in data else None)
     snr = data.get("snr_range")
     set_size = data.get("set_size") if kind == "set" else 1
+    if getattr(task.net, "guide", None) is not None:
+        # a guide fitted to its set (Wiener, CWF) improves with the set's size whatever sets it was
+        # trained or fine-tuned on (the demo fine-tuning trains on sets of 48)
+        set_size = max(int(set_size or 0), GUIDED_SET_SIZE)
     net = hparams.get("net", hparams.get("denoiser"))
     net_name = net.get("class_path", "").rsplit(".", 1)[-1] if isinstance(net, dict) else type(task.net).__name__
     return ModelCard(

@@ -50,6 +50,9 @@ from cryo_lightning.tools.common import (add_flag, open_particle_input, parse_as
 
 __all__ = ["half_map_fsc", "evaluate", "main"]
 
+# Default working box at most this: the moment basis costs O(L^4) memory (~1 GB at 128).
+DEFAULT_MAX_BOX = 128
+
 UNITS = ("normalized", "raw")
 THRESHOLDS = (0.143, 0.5)
 
@@ -331,6 +334,11 @@ def evaluate(
             L = min(raw.box, den.box)
             if box is not None and not 8 <= box <= L:
                 raise InputError(f"--box {box}: must be between 8 and the smaller stack's box ({L})")
+            if box is None and L > DEFAULT_MAX_BOX:
+                # the dense steerable basis of the moments grows as L^4 (tens of GB at L = 320)
+                print(f"cryol evaluate: working at box {DEFAULT_MAX_BOX} (the particles Fourier-downsampled from "
+                      f"{L}); --box chooses another", file=sys.stderr)
+                box = DEFAULT_MAX_BOX
             L = box or L
             rng = np.random.default_rng(seed)
             n = len(raw)
@@ -480,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noise-variance", type=float | None, default=None,
                    help="noise variance per pixel of the raw stack as stored (default: from each particle's "
                         "background, outside the inscribed disk)")
-    p.add_argument("--box", type=int | None, default=None, help="work at this box (default: the denoised stack's)")
+    p.add_argument("--box", type=int | None, default=None,
+                   help=f"work at this box (default: the denoised stack's, at most {DEFAULT_MAX_BOX})")
     p.add_argument("--max-images", type=int | None, default=10000, help="seeded random subset of this many particles")
     p.add_argument("--k-max", type=int, default=8, help="moments: highest angular block k")
     p.add_argument("--bandlimit", type=float, default=0.5, help="moments: band limit, cycles/pixel")

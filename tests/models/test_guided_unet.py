@@ -85,3 +85,32 @@ def test_quarter_turns_make_the_output_rotate_with_the_input():
     net.quarter_turns = False
     with torch.no_grad():
         assert not torch.allclose(net(torch.rot90(x, 1, (-2, -1))), torch.rot90(net(x), 1, (-2, -1)), atol=1e-4)
+
+
+def test_sure_blend_discounts_a_harmful_correction():
+    """A network whose correction is noise (random head) is far worse than its guide; with the
+    SURE weights, estimated from the noisy set alone, the output is back at the guide's error. A
+    zero correction leaves the guide exactly (no 0/0)."""
+    b = _batch(L=32, N=160, snr=1 / 8)
+    net = GuidedUNet(depth=2, channels=4).eval()
+    with torch.no_grad():
+        guide = net(b["noisy"], b["ctf"], b["noise_variance"])
+        net.sure_blend = True
+        torch.testing.assert_close(net(b["noisy"], b["ctf"], b["noise_variance"]), guide)
+        torch.nn.init.normal_(net.net.head.weight, std=30.0, generator=torch.Generator().manual_seed(0))
+        net.sure_blend = False
+        harmful = net(b["noisy"], b["ctf"], b["noise_variance"])
+        net.sure_blend, net.sure_probes = True, 64
+        blended = net(b["noisy"], b["ctf"], b["noise_variance"])
+        again = net(b["noisy"], b["ctf"], b["noise_variance"])
+    e_guide, e_harmful, e_blend = (float(relative_mse(x, b["clean"]).mean()) for x in (guide, harmful, blended))
+    assert e_harmful > 1.5 * e_guide
+    assert e_blend < 1.03 * e_guide, (e_guide, e_harmful, e_blend)
+    torch.testing.assert_close(blended, again)  # the probe is seeded
+    net.train()  # training is unaffected: the raw correction
+    with torch.no_grad():
+        trained = net(b["noisy"], b["ctf"], b["noise_variance"])
+        net.sure_blend = False
+        torch.testing.assert_close(net(b["noisy"], b["ctf"], b["noise_variance"]), trained)
+    with pytest.raises(ValueError, match="sure_probes"):
+        GuidedUNet(sure_probes=0)

@@ -211,3 +211,29 @@ def test_every_shipped_model_loads_and_denoises(tmp_path, monkeypatch):
         mse_denoised = float((denoised - target).square().mean())
         mse_noisy = float(((noisy - mean) / std - target).square().mean())
         assert mse_denoised < mse_noisy, (card.name, mse_denoised, mse_noisy)
+
+
+def test_inference_settings_of_a_card_are_applied_and_checked(unet_checkpoint, tmp_path):
+    """A card's ``inference`` entry sets the loaded network's attributes; a setting the network
+    does not have, or a value of another type, is refused with the model's name."""
+    weights = export_weights(unet_checkpoint, tmp_path / "tiny-unet.pt")
+    path = _manifest(tmp_path, weights)
+    data = json.loads(path.read_text())
+    data["models"][0]["inference"] = {"depth": 2}
+    path.write_text(json.dumps(data))
+    task, card = load_pretrained(manifest=path)
+    assert card.inference == {"depth": 2} and task.net.depth == 2
+    for bad, message in (({"sure_blend": True}, "UNet has no inference setting 'sure_blend'"),
+                         ({"head": 1}, "no inference setting 'head'"),
+                         ({"depth": "two"}, "depth must be int")):
+        data["models"][0]["inference"] = bad
+        path.write_text(json.dumps(data))
+        with pytest.raises(InputError, match=rf"model 'tiny-unet' .*{message}"):
+            load_pretrained(manifest=path)
+
+
+def test_shipped_guided_models_blend_by_sure():
+    for card in list_models(MANIFEST):
+        task, _ = load_pretrained(card.name)
+        if hasattr(task.net, "sure_blend"):
+            assert card.inference.get("sure_blend") is True and task.net.sure_blend

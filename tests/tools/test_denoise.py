@@ -15,7 +15,7 @@ import starfile
 import torch
 
 from cryo_lightning.cli import main
-from cryo_lightning.data.preprocess import background_normalize
+from cryo_lightning.data.preprocess import background_normalize, background_stats
 from cryo_lightning.data.resample import plan_scale
 from cryo_lightning.io.mrc import read_stack, write_stack
 from cryo_lightning.tasks.pretrained import MANIFEST_ENV, export_weights, load_pretrained
@@ -170,9 +170,16 @@ def _stack(folder, box: int, pixel: float, n: int = 6) -> Path:
 def _expected(stack: Path, plan, model_scale: bool = False) -> torch.Tensor:
     """What cryol denoise should write: the test model at its scale, by hand."""
     task, _ = load_pretrained("tiny-unet")
-    x, mean, std = plan.model_input(background_normalize(read_stack(stack)))
+    raw = read_stack(stack).float()
+    x, mean, std = plan.model_input(background_normalize(raw))
+    # each image at its own background level relative to the set's median, removed again after
+    raw_mean, raw_std = background_stats(raw)
+    offset = raw_mean / raw_std
+    if plan.downsamples:
+        offset = (offset + mean) / std
+    shift = offset - offset.median(dim=0, keepdim=True).values
     with torch.no_grad():
-        return plan.model_output(task(x[None])[0], mean, std, model_scale)
+        return plan.model_output(task((x + shift)[None])[0] - shift, mean, std, model_scale)
 
 
 @pytest.mark.parametrize("box", [32, 64, 100, 128])
@@ -200,10 +207,10 @@ def test_box_larger_than_the_training_box(shipped, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "box 128 at the model's pixel size (5 A) differs from the training box 64 of model tiny-unet" in err
     assert "pixel size" not in err.replace("model's pixel size", "")
-    task, _ = load_pretrained("tiny-unet")
-    with torch.no_grad():
-        expected = task(background_normalize(read_stack(stack))[None])[0]
-    assert torch.equal(read_stack(tmp_path / "out" / "stack_128.mrcs"), expected)  # the network on the input itself
+    expected = _expected(stack, plan_scale(128, 5.0, tuple(CARD["pixel_size_range"])))
+    assert plan_scale(128, 5.0, tuple(CARD["pixel_size_range"])).identity
+    # the network on the input itself
+    torch.testing.assert_close(read_stack(tmp_path / "out" / "stack_128.mrcs"), expected, rtol=0, atol=1e-6)
 
 
 def test_pixel_size_outside_the_range_warns(shipped, tmp_path, capsys):
@@ -215,6 +222,15 @@ def test_pixel_size_outside_the_range_warns(shipped, tmp_path, capsys):
     main(["denoise", "--star", str(_stack(tmp_path / "5A", 64, 5.0)), "--out", str(tmp_path / "in_range")])
     warnings = [l for l in capsys.readouterr().err.splitlines() if "warning" in l and "no CTF parameters" not in l]
     assert warnings == []  # in range, the training box, SNR 0.36 in 0.05-0.5
+
+
+def test_sure_blend_needs_a_guided_model(shipped, tmp_path, capsys):
+    stack = _stack(tmp_path, 64, 5.0)
+    with pytest.raises(SystemExit) as err:
+        main(["denoise", "--star", str(stack), "--out", str(tmp_path / "out"), "--sure-blend"])
+    assert err.value.code == 2
+    assert "cryol denoise: error: --sure-blend: UNet has no inference setting 'sure_blend'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_model_and_no_shipped_model_give_clear_errors(shipped, tmp_path, capsys, monkeypatch):

@@ -130,6 +130,24 @@ def test_given_noise_variance_agrees_with_the_background_estimate(simulated, tmp
     assert given["m2_difference"][0] < 1.5 * given["m2_error"][0]
 
 
+def test_large_boxes_are_worked_at_the_default_cap(simulated, tmp_path, capsys, monkeypatch):
+    """Without --box, a stack larger than the cap is evaluated at the cap (the moment basis grows as
+    L^4: box 320 particles would need tens of GB), with a note naming both boxes."""
+    import cryo_lightning.tools.evaluate as module
+
+    def box(folder, **kwargs) -> int:
+        metrics = evaluate(str(tmp_path / folder), particles=str(simulated / "particles.star"),
+                           denoised=str(simulated / "particles_clean.mrcs"), denoised_units="raw", frc=False,
+                           device="cpu", **kwargs)
+        return metrics["particles"]["box"]
+
+    monkeypatch.setattr(module, "DEFAULT_MAX_BOX", 16)
+    assert box("capped") == 16
+    assert f"working at box 16 (the particles Fourier-downsampled from {L}); --box chooses another" in \
+        capsys.readouterr().err
+    assert box("given", box=24) == 24 and "working at box" not in capsys.readouterr().err
+
+
 def test_normalised_denoised_units_match_raw_units_at_a_smaller_box(simulated, tmp_path):
     """Clean images written in the raw particles' background-normalised units (as cryol denoise writes
     them) give the same comparison as the clean stack in raw units, also after resampling to --box."""
