@@ -291,3 +291,20 @@ def test_reconstruct_and_evaluate_load_the_same_denoisers(shipped, checkpoint, t
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["particles"]["denoised"] == "tiny-unet (denoised by cryol evaluate)"
     assert metrics["particles"]["n_images"] == 40 and metrics["particles"]["box"] == 32
+
+
+@pytest.mark.parametrize("box,pixel", [(32, 12.0), (100, 1.0), (128, 2.0)])
+def test_the_default_shipped_model_at_any_box_and_pixel_size(tmp_path, monkeypatch, box, pixel):
+    """As on a fresh clone: the real registry, no --model or --ckpt, boxes 32-128 and pixel sizes
+    1-12 A (the 64-pixel case is in tests/tasks/test_pretrained.py); the output is at the input's
+    box and pixel size, finite, and the STAR says so."""
+    monkeypatch.delenv(MANIFEST_ENV, raising=False)
+    stack = _stack(tmp_path, box, pixel, n=4)
+    main(["denoise", "--star", str(stack), "--out", str(tmp_path / "out")])
+    with mrcfile.open(tmp_path / "out" / f"{stack.stem}.mrcs") as f:
+        data = torch.from_numpy(f.data.copy())
+        assert data.shape == (4, box, box) and float(f.voxel_size.x) == pytest.approx(pixel, rel=1e-5)
+    assert bool(torch.isfinite(data).all()) and float(data.abs().max()) > 0
+    optics = starfile.read(tmp_path / "out" / f"{stack.stem}.star", always_dict=True)["optics"]
+    assert int(optics["rlnImageSize"][0]) == box
+    assert float(optics["rlnImagePixelSize"][0]) == pytest.approx(pixel, rel=1e-5)
