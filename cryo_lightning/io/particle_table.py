@@ -80,6 +80,22 @@ CTF_COLUMNS: tuple[str, ...] = (
 # Columns that must be finite in every row (CTF columns too when the table has a CTF).
 _FINITE_COLUMNS: tuple[str, ...] = ("pixel_size_A", "shift_x_A", "shift_y_A")
 
+# Labels of the CTF columns in the source formats, for messages: column -> (RELION, cryoSPARC).
+_LABELS: dict[str, tuple[str, str]] = {
+    "voltage_kV": ("rlnVoltage", "ctf/accel_kv"),
+    "cs_mm": ("rlnSphericalAberration", "ctf/cs_mm"),
+    "amp_contrast": ("rlnAmplitudeContrast", "ctf/amp_contrast"),
+    "defocus_u_A": ("rlnDefocusU", "ctf/df1_A"),
+    "defocus_v_A": ("rlnDefocusV", "ctf/df2_A"),
+    "ctf_scale": ("rlnCtfScalefactor", "ctf/scale"),
+}
+# Physical ranges of CTF values: accelerating voltages of transmission microscopes, spherical
+# aberration of objective lenses (Cs-corrected ~0 to ~10 mm), and the smallest mean underfocus that
+# is not a unit mistake (micrometres for Angstrom) when no phase plate shifts the phase.
+VOLTAGE_RANGE_KV = (20.0, 1000.0)
+CS_RANGE_MM = (0.0, 20.0)
+MIN_DEFOCUS_A = 100.0
+
 # Defaults for columns a reader leaves out.
 _DEFAULTS: dict[str, Any] = {
     "box_px": -1,
@@ -215,9 +231,53 @@ class ParticleTable:
                 _raise_first_bad(self.source, df, name, ~(np.isfinite(values) & (values > 0)), "must be > 0")
             else:
                 _raise_first_bad(self.source, df, name, ~np.isfinite(values), "must be a finite number")
+        if self.has_ctf:
+            self._check_ctf_ranges()
         _raise_first_bad(self.source, df, "stack_index", df["stack_index"].to_numpy() < 0, "must be >= 0")
         empty = (df["stack_name"].str.len() == 0).to_numpy()
         _raise_first_bad(self.source, df, "stack_name", empty, "must not be empty")
+
+
+    def _check_ctf_ranges(self) -> None:
+        """Refuse CTF values outside physical ranges, naming the file, the label, the optics group
+        and data row, and the likely mistake (volts for kV, micrometres for Angstrom, a percentage
+        for a fraction)."""
+        df = self.particles
+        star = self.source.suffix.lower() != ".cs"
+
+        def refuse(column: str, bad: np.ndarray, rule: str, hint: str) -> None:
+            if not bad.any():
+                return
+            i = int(np.flatnonzero(bad)[0])
+            label = _LABELS[column][0 if star else 1]
+            where = f"data row {int(df['particle_id'].iloc[i]) + 1}"
+            if star:
+                where = f"optics group {int(df['optics_group'].iloc[i])}, {where}"
+            raise InputError(f"{self.source}: {label} is {df[column].iloc[i]:g} ({where}; {int(bad.sum())} bad "
+                             f"row(s) in all): {rule}; {hint}")
+
+        volts = df["voltage_kV"].to_numpy()
+        refuse("voltage_kV", volts > VOLTAGE_RANGE_KV[1], f"the voltage is in kV, at most {VOLTAGE_RANGE_KV[1]:g}",
+               "did you give volts? (300 kV, not 300000)")
+        refuse("voltage_kV", volts < VOLTAGE_RANGE_KV[0], f"the voltage must be at least {VOLTAGE_RANGE_KV[0]:g} kV",
+               "set the microscope's accelerating voltage (usually 200 or 300)")
+        amp = df["amp_contrast"].to_numpy()
+        refuse("amp_contrast", amp > 1, "the amplitude contrast is a fraction in [0, 1]",
+               "did you give a percentage? (0.1, not 10)")
+        refuse("amp_contrast", amp < 0, "the amplitude contrast is a fraction in [0, 1]",
+               "use the positive fraction (usually 0.07-0.1)")
+        cs = df["cs_mm"].to_numpy()
+        refuse("cs_mm", (cs < CS_RANGE_MM[0]) | (cs > CS_RANGE_MM[1]),
+               f"the spherical aberration is in mm, within [{CS_RANGE_MM[0]:g}, {CS_RANGE_MM[1]:g}]",
+               "did you give micrometres? (2.7 mm, not 2700)")
+        refuse("ctf_scale", df["ctf_scale"].to_numpy() <= 0, "the CTF scale factor must be > 0", "usually 1")
+        plate = np.abs(df["phase_shift_deg"].to_numpy()) > 1.0  # near focus is normal with a phase plate
+        for column in ("defocus_u_A", "defocus_v_A"):
+            defocus = df[column].to_numpy()
+            refuse(column, (defocus < 0) & ~plate, "defocus is positive for underfocus (RELION and cryoSPARC)",
+                   "if your CTF program writes overfocus as positive, flip the sign")
+            refuse(column, (defocus < MIN_DEFOCUS_A) & ~plate, f"the defocus is in Angstrom, at least "
+                   f"{MIN_DEFOCUS_A:g} without a phase plate", "did you mean micrometres? (1.4 um = 14000 A)")
 
 
 def _raise_first_bad(source: Path, df: pd.DataFrame, column: str, bad: np.ndarray, what: str) -> None:

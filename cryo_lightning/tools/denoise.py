@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from jsonargparse.typing import PositiveInt
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -237,10 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt", type=str | None, default=None,
                    help="instead of --model: a cryol fit checkpoint (DenoiseTask, SelfSupervisedDenoiseTask, "
                         "JointTask)")
-    p.add_argument("--set-size", type=int | None, default=None,
+    p.add_argument("--set-size", type=PositiveInt | None, default=None,
                    help="images per context set (default: the model's; 64 for single-image networks)")
     p.add_argument("--context", type=str, default="random", help="'random' or 'neighbours' (rotation-invariant kNN)")
-    p.add_argument("--batch-sets", type=int, default=4, help="sets per forward pass (halved on GPU out-of-memory)")
+    p.add_argument("--batch-sets", type=PositiveInt, default=4, help="sets per forward pass (halved on GPU out-of-memory)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random sets")
     add_flag(p, "--model-scale", False, "write at the model's box and pixel size instead of the input's")
     add_flag(p, "--sure-blend", None, "weight a guided model's learned correction per frequency by SURE, estimated "

@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 import numpy as np
 import pandas as pd
 import torch
@@ -488,15 +489,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noise-variance", type=float | None, default=None,
                    help="noise variance per pixel of the raw stack as stored (default: from each particle's "
                         "background, outside the inscribed disk)")
-    p.add_argument("--box", type=int | None, default=None,
+    p.add_argument("--box", type=PositiveInt | None, default=None,
                    help=f"work at this box (default: the denoised stack's, at most {DEFAULT_MAX_BOX})")
-    p.add_argument("--max-images", type=int | None, default=10000, help="seeded random subset of this many particles")
-    p.add_argument("--k-max", type=int, default=8, help="moments: highest angular block k")
+    p.add_argument("--max-images", type=PositiveInt | None, default=10000, help="seeded random subset of this many particles")
+    p.add_argument("--k-max", type=NonNegativeInt, default=8, help="moments: highest angular block k")
     p.add_argument("--bandlimit", type=float, default=0.5, help="moments: band limit, cycles/pixel")
-    p.add_argument("--ctf-groups", type=int, default=4, help="moments: equal-count defocus groups")
+    p.add_argument("--ctf-groups", type=PositiveInt, default=4, help="moments: equal-count defocus groups")
     add_flag(p, "--frc", True, "cross-validation FRC (needs poses; reconstructs two half maps)")
     p.add_argument("--lam", type=float, default=1e-2, help="FRC: Tikhonov weight of the half-map reconstruction")
-    p.add_argument("--iterations", type=int, default=30, help="FRC: conjugate-gradient iterations")
+    p.add_argument("--iterations", type=PositiveInt, default=30, help="FRC: conjugate-gradient iterations")
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-images subset")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     metrics = evaluate(args.out, args.half_maps, args.mask, args.particles, args.denoised, args.denoised_units,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jsonargparse.typing import PositiveInt
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     p = tool_parser("cryol preprocess", __doc__)
     p.add_argument("--star", required=True, help="particles: RELION .star or cryoSPARC .cs")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--downsample", type=int, default=None, help="output box size (Fourier crop)")
+    p.add_argument("--downsample", type=PositiveInt | None, default=None, help="output box size (Fourier crop)")
     add_flag(p, "--normalize", True, "background mean 0 and std 1")
     p.add_argument("--background-radius", type=float, default=0.75, help="background starts at this fraction of L/2")
     add_flag(p, "--invert-contrast", False, "multiply by -1 (on top of the data sign)")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     add_flag(p, "--whiten", False, "whiten by the noise spectrum of the background")
     p.add_argument("--ctf-mode", type=str | None, default=None, help=f"override what the stored images are: {CTF_MODES}")
     add_flag(p, "--float16", False, "write the stack as float16 (MRC mode 12)")
-    p.add_argument("--batch-size", type=int, default=256, help="images processed at a time")
+    p.add_argument("--batch-size", type=PositiveInt, default=256, help="images processed at a time")
     p.add_argument("--stem", type=str, default=None, help="output file stem (default: the input's)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -450,36 +451,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--star", required=True, help="particles: RELION .star, cryoSPARC .cs or a plain .mrcs stack")
     p.add_argument("--out", required=True, help="output map (.mrc); the STAR, half maps and FSC plot go beside it")
     p.add_argument("--method", type=str, default="common-lines", help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("--box", type=int | None, default=64, help="work at this box size (Fourier downsampling)")
-    p.add_argument("--max-images", type=int | None, default=2000, help="random subset of this many particles")
+    p.add_argument("--box", type=PositiveInt | None, default=64, help="work at this box size (Fourier downsampling)")
+    p.add_argument("--max-images", type=PositiveInt | None, default=2000, help="random subset of this many particles")
     add_flag(p, "--class-average", False, "replace the particles by CTF-corrected class averages first")
-    p.add_argument("--n-classes", type=int | None, default=None, help="class averages to use (default: one per image)")
-    p.add_argument("--n-neighbors", type=int, default=10, help="images per class")
+    p.add_argument("--n-classes", type=PositiveInt | None, default=None, help="class averages to use (default: one per image)")
+    p.add_argument("--n-neighbors", type=PositiveInt, default=10, help="images per class")
     p.add_argument("--denoiser", type=str | None, default=None,
                    help="denoise first with a shipped model (cryol models) or a cryol fit checkpoint")
-    p.add_argument("--set-size", type=int | None, default=None,
+    p.add_argument("--set-size", type=PositiveInt | None, default=None,
                    help="context set size for the denoiser (default: the model's)")
     p.add_argument("--reference", type=str | None, default=None,
                    help="ground-truth map (.mrc): FSC against it, after registering onto the STAR's angles")
-    p.add_argument("--n-angles", type=int, default=360, help="angular sampling of the common-line search")
+    p.add_argument("--n-angles", type=PositiveInt, default=360, help="angular sampling of the common-line search")
     p.add_argument("--max-radius", type=float, default=0.4, help="fraction of Nyquist used for common lines")
     p.add_argument("--lam", type=float, default=1e-2, help="Tikhonov weight of the least-squares reconstruction")
-    p.add_argument("--iterations", type=int, default=30, help="conjugate-gradient iterations")
+    p.add_argument("--iterations", type=PositiveInt, default=30, help="conjugate-gradient iterations")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the half-map split")
-    p.add_argument("--l-max", type=int, default=3, help="moments: SFB degree of the map")
+    p.add_argument("--l-max", type=NonNegativeInt, default=3, help="moments: SFB degree of the map")
     p.add_argument("--bandlimit", type=float, default=0.25, help="moments: band limit, cycles/pixel")
-    p.add_argument("--view-degree", type=int, default=8, help="moments: even degree of the viewing distribution")
-    p.add_argument("--ctf-groups", type=int, default=4, help="moments: defocus groups")
-    p.add_argument("--starts", type=int, default=2, help="moments: random starts of the fit")
+    p.add_argument("--view-degree", type=NonNegativeInt, default=8, help="moments: even degree of the viewing distribution")
+    p.add_argument("--ctf-groups", type=PositiveInt, default=4, help="moments: defocus groups")
+    p.add_argument("--starts", type=PositiveInt, default=2, help="moments: random starts of the fit")
     p.add_argument("--fit-iterations", type=int, nargs="+", default=[50, 200, 300],
                    help="moments: L-BFGS iterations of the M1, M1+M2 and M1+M2+M3 stages")
-    p.add_argument("--hops", type=int, default=30,
+    p.add_argument("--hops", type=NonNegativeInt, default=30,
                    help="moments: block basin hops after the best start (0: none); each costs about two fits' stages")
-    p.add_argument("--newton", type=int, default=20,
+    p.add_argument("--newton", type=NonNegativeInt, default=20,
                    help="moments, learned: damped Newton steps that finish the fit (0: none); each costs one Hessian")
     p.add_argument("--checkpoint", type=str | None, default=None,
                    help="learned: ReconstructTask checkpoint (box, l_max, band limit and viewing degree come from it)")
-    p.add_argument("--polish", type=int, default=200,
+    p.add_argument("--polish", type=NonNegativeInt, default=200,
                    help="learned: L-BFGS iterations of the MAP moment loss after the network (0: network only)")
     p.add_argument("--prior-strength", type=float, default=0.1,
                    help="learned: weight of the learned coefficient prior, in units of the moments' sampling error")

@@ -30,6 +30,7 @@ from cryo_lightning.data.set_simulator import random_viewing_distribution
 from cryo_lightning.io.atomic_write import atomic_path, check_overwrite
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter, write_map
+from cryo_lightning.io.particle_table import CS_RANGE_MM, MIN_DEFOCUS_A, VOLTAGE_RANGE_KV
 from cryo_lightning.io.star import image_names, optics_block, write_particles_star
 from cryo_lightning.io.volume_source import load_volume
 from cryo_lightning.tools.common import pick_device
@@ -68,6 +69,40 @@ class SimulateSettings:
     device: str = "auto"
     stem: str = "particles"
     overwrite: bool = False
+
+    def validate(self) -> None:
+        """Refuse settings that cannot make a valid dataset (the CTF ranges are those the
+        particle readers accept, io/particle_table.py), each with the option's name and the fix.
+
+        Raises:
+            InputError: the first bad setting.
+        """
+        checks = [
+            (self.n_images >= 1, f"--n-images must be >= 1, got {self.n_images}"),
+            (self.box >= 8, f"--box must be >= 8 pixels, got {self.box}"),
+            (math.isfinite(self.pixel_size) and self.pixel_size > 0,
+             f"--pixel-size must be a positive number of Angstrom, got {self.pixel_size}"),
+            (math.isfinite(self.snr) and self.snr > 0, f"--snr must be > 0, got {self.snr}"),
+            (self.max_shift >= 0, f"--max-shift must be >= 0 pixels, got {self.max_shift}"),
+            (self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}"),
+        ]
+        if self.ctf:
+            lo, hi = VOLTAGE_RANGE_KV
+            checks += [
+                (self.defocus_min <= self.defocus_max, f"--defocus-min {self.defocus_min:g} is larger than "
+                 f"--defocus-max {self.defocus_max:g}: swap them"),
+                (self.defocus_min >= MIN_DEFOCUS_A, f"--defocus-min {self.defocus_min:g} A is below "
+                 f"{MIN_DEFOCUS_A:g} A: the defocus is in Angstrom (did you mean micrometres? 1.5 um = 15000 A)"),
+                (self.max_astigmatism >= 0, f"--max-astigmatism must be >= 0 A, got {self.max_astigmatism}"),
+                (lo <= self.voltage <= hi, f"--voltage {self.voltage:g} is outside [{lo:g}, {hi:g}] kV"),
+                (CS_RANGE_MM[0] <= self.cs <= CS_RANGE_MM[1],
+                 f"--cs {self.cs:g} is outside [{CS_RANGE_MM[0]:g}, {CS_RANGE_MM[1]:g}] mm"),
+                (0 <= self.amplitude_contrast <= 1,
+                 f"--amplitude-contrast {self.amplitude_contrast:g} is not a fraction in [0, 1]"),
+            ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
 
 
 def _outputs(s: SimulateSettings) -> dict[str, Path]:
@@ -125,11 +160,10 @@ def _particles_table(s: SimulateSettings, angles: torch.Tensor, origins: torch.T
 
 def simulate(s: SimulateSettings) -> dict[str, Path]:
     """Simulate the dataset described by ``s`` and write it atomically; returns the output paths."""
+    s.validate()
     paths = _outputs(s)
     for p in paths.values():  # fail before any work
         check_overwrite(p, s.overwrite)
-    if s.n_images < 1 or s.snr <= 0 or s.box < 8:
-        raise InputError(f"need --n-images >= 1, --snr > 0 and --box >= 8 (got {s.n_images}, {s.snr}, {s.box})")
     Path(s.out).mkdir(parents=True, exist_ok=True)
     device = pick_device(s.device)
 

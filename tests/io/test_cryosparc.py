@@ -170,3 +170,19 @@ def test_cs_errors(tmp_path):
         read_particles(garbage)
     with pytest.raises(InputError, match="--assume applies to STAR files only"):
         read_particles(partial_ctf, assume={"amplitude_contrast": 0.1})
+
+
+def test_cs_ctf_values_outside_physical_ranges_are_refused(tmp_path):
+    """The same range checks as for STAR files, with cryoSPARC's field names and row numbers."""
+    fields = {"blob/path": np.array([b"a.mrc"] * 2), "blob/idx": np.array([0, 1], dtype=np.uint32),
+              "blob/psize_A": np.array([1.0, 1.0], dtype=np.float32),
+              "ctf/df1_A": np.array([1e4, 1.2], dtype=np.float32), "ctf/accel_kv": np.array([300, 300], np.float32),
+              "ctf/cs_mm": np.array([2.7, 2.7], dtype=np.float32),
+              "ctf/amp_contrast": np.array([0.1, 0.1], dtype=np.float32)}
+    path = save_cs(tmp_path / "bad.cs", fields)
+    with pytest.raises(InputError, match=r"bad.cs: ctf/df1_A is 1.2 \(data row 2; 1 bad row\(s\) in all\): .*micrometres"):
+        read_cryosparc(path)
+    fields["ctf/df1_A"][1] = 1.2e4
+    fields["ctf/accel_kv"][:] = 3e5
+    with pytest.raises(InputError, match=r"ctf/accel_kv is 300000 .*did you give volts"):
+        read_cryosparc(save_cs(tmp_path / "volts.cs", fields))

@@ -336,7 +336,8 @@ def test_pixel_size_in_particle_table_and_override(tmp_path):
 
 
 def test_no_optics_group_column(tmp_path):
-    block = particles_block(["rlnImageName", "rlnDefocusU", "rlnDefocusV"], ["1@a.mrcs 1 2", "2@a.mrcs 3 4"])
+    block = particles_block(["rlnImageName", "rlnDefocusU", "rlnDefocusV"],
+                            ["1@a.mrcs 10000 12000", "2@a.mrcs 13000 14000"])
     t = read_star(write_star(tmp_path, block))  # a single optics row applies to all
     assert (t.particles.pixel_size_A == 1.5).all() and (t.particles.voltage_kV == 300).all()
     with pytest.raises(InputError, match="no rlnOpticsGroup column but data_optics has 2 groups"):
@@ -380,6 +381,39 @@ def test_nan_defocus_is_reported(tmp_path):
     block = particles_block(["rlnImageName", "rlnDefocusU"], ["1@a.mrcs 10000", "2@a.mrcs nan"])
     with pytest.raises(InputError, match=r"defocus_u_A must be a finite number, but data row 2"):
         read_star(write_star(tmp_path, block))
+
+
+@pytest.mark.parametrize("optics,columns,rows,message", [
+    ("1 0 2.7 0.1 1.5 64", [], [], r"rlnVoltage is 0 \(optics group 1, data row 1; 2 bad row\(s\) in all\): the voltage "
+     r"must be at least 20 kV"),
+    ("1 300000 2.7 0.1 1.5 64", [], [], r"rlnVoltage is 300000 .*did you give volts\?"),
+    ("1 300 2.7 10 1.5 64", [], [], r"rlnAmplitudeContrast is 10 .*a fraction in \[0, 1\]; did you give a percentage"),
+    ("1 300 2.7 -0.1 1.5 64", [], [], r"rlnAmplitudeContrast is -0.1 .*a fraction in \[0, 1\]"),
+    ("1 300 2700 0.1 1.5 64", [], [], r"rlnSphericalAberration is 2700 .*in mm.*did you give micrometres"),
+    (None, ["rlnDefocusU", "rlnDefocusV"], ["10000 10000", "-12000 -12000"],
+     r"rlnDefocusU is -12000 \(optics group 1, data row 2; 1 bad row\(s\) in all\): defocus is positive for "
+     r"underfocus"),
+    (None, ["rlnDefocusU", "rlnDefocusV"], ["1.4 1.5", "1.6 1.6"],
+     r"rlnDefocusU is 1.4 \(optics group 1, data row 1; 2 bad row\(s\) in all\): the defocus is in Angstrom.*"
+     r"did you mean micrometres\?"),
+    (None, ["rlnDefocusU", "rlnDefocusV"], ["12000 40", "12000 12000"], r"rlnDefocusV is 40 .*micrometres"),
+    (None, ["rlnDefocusU", "rlnCtfScalefactor"], ["12000 1", "12000 0"], r"rlnCtfScalefactor is 0 .*must be > 0"),
+])
+def test_ctf_values_outside_physical_ranges_are_refused(tmp_path, optics, columns, rows, message):
+    """Values that pass as numbers but cannot be right (issue 22): refused with the file, the label,
+    the optics group and row, and the likely mistake."""
+    rows = rows or ["12000", "12000"]
+    columns = columns or ["rlnDefocusU"]
+    block = particles_block(["rlnImageName", *columns], [f"{i + 1}@a.mrcs {r}" for i, r in enumerate(rows)])
+    path = write_star(tmp_path, block, **({"optics_rows": optics} if optics else {}))
+    with pytest.raises(InputError, match=rf"{path}: {message}"):
+        read_star(path)
+
+
+def test_near_focus_with_a_phase_plate_is_accepted(tmp_path):
+    block = particles_block(["rlnImageName", "rlnDefocusU", "rlnPhaseShift"], ["1@a.mrcs 50 90", "2@a.mrcs -30 85"])
+    t = read_star(write_star(tmp_path, block))
+    assert t.particles.defocus_u_A.tolist() == [50.0, -30.0]
 
 
 def test_assume_rules(tmp_path):

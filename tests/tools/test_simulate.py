@@ -129,3 +129,24 @@ def test_missing_volume_is_a_clear_error(tmp_path, capsys):
         main(["--volume", str(tmp_path / "nope.mrc"), "--out", str(tmp_path / "o"), "--n-images", "2",
               "--box", "16", "--pixel-size", "2", "--snr", "1"])
     assert "nope.mrc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--pixel-size", "-2"], "--pixel-size must be a positive number of Angstrom, got -2.0"),
+    (["--defocus-min", "25000", "--defocus-max", "5000"], "--defocus-min 25000 is larger than --defocus-max 5000: swap"),
+    (["--defocus-min", "1.5", "--defocus-max", "2.5"], "did you mean micrometres?"),
+    (["--voltage", "300000"], "--voltage 300000 is outside [20, 1000] kV"),
+    (["--amplitude-contrast", "7"], "--amplitude-contrast 7 is not a fraction in [0, 1]"),
+    (["--snr", "0"], "--snr must be > 0"),
+])
+def test_impossible_settings_are_refused_before_any_output(tmp_path, capsys, extra, message):
+    out = tmp_path / "o"
+    args = {"--n-images": "2", "--box": "16", "--pixel-size": "2", "--snr": "1"}
+    for i in range(0, len(extra), 2):
+        args[extra[i]] = extra[i + 1]
+    with pytest.raises(SystemExit) as err:
+        main(["--volume", "random", "--out", str(out), *(x for kv in args.items() for x in kv)])
+    assert err.value.code == 2
+    text = capsys.readouterr().err
+    assert message in text and "Traceback" not in text
+    assert not out.exists()
