@@ -32,6 +32,7 @@ __all__ = [
     "write_stack",
     "read_stack",
     "StackWriter",
+    "NonFiniteOutputError",
 ]
 
 # MRC modes we can read, all converted to float32: int8, int16, float32, uint16, float16.
@@ -186,10 +187,37 @@ def read_stack(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(data)
 
 
-def _as_numpy(x: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+class NonFiniteOutputError(InputError):
+    """An output would hold NaN or Inf values: it is not written (its inputs, a checkpoint's
+    weights or the float16 range are the usual causes). The CLI prints the message, exit 2."""
+
+
+def _as_numpy(x: torch.Tensor, dtype: torch.dtype, path: str | os.PathLike, first_row: int = 0,
+              rows: np.ndarray | None = None) -> np.ndarray:
+    """``x`` as a contiguous numpy array of ``dtype``, refusing non-finite values (outputs are
+    checked before they are published): NaN or Inf already in ``x``, or values beyond float16's
+    range that the conversion would turn into Inf. Messages name ``path`` and the first bad image
+    (``rows``: the images' row numbers, else ``first_row + i``)."""
     if dtype not in _WRITE_MODES:
         raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
-    return np.ascontiguousarray(x.detach().to("cpu", dtype).numpy())
+    data = np.ascontiguousarray(x.detach().to("cpu", dtype).numpy())
+    bad = ~np.isfinite(data)
+    if bad.any():
+        per_image = bad.reshape(bad.shape[0], -1).any(1) if data.ndim == 3 else bad.reshape(1, -1).any(1)
+        i = int(np.flatnonzero(per_image)[0])
+        row = int(rows[i]) if rows is not None else first_row + i
+        where = f"image {row + 1} (1-based; {int(per_image.sum())} image(s) of this batch)" if data.ndim == 3 \
+            else "the volume"
+        source = x.detach().to("cpu", torch.float64)
+        if dtype == torch.float16 and bool(torch.isfinite(source).all()):
+            peak = float(source.abs().max())
+            raise NonFiniteOutputError(
+                f"{path}: values up to {peak:.3g} exceed float16's range (65504) in {where}: not written; write "
+                "float32 (no --float16), or normalise the particles first")
+        raise NonFiniteOutputError(
+            f"{path}: {int(bad.sum())} NaN/Inf value(s) in {where}: not written (non-finite input images or "
+            "model weights; check the inputs)")
+    return data
 
 
 def write_map(
@@ -210,7 +238,7 @@ def write_map(
     """
     if volume.ndim != 3:
         raise ValueError(f"volume must be (z, y, x), got shape {tuple(volume.shape)}")
-    data = _as_numpy(volume, torch.float32)
+    data = _as_numpy(volume[None], torch.float32, path)[0]
     with atomic_path(path, overwrite) as tmp:
         with mrcfile.new(tmp, overwrite=True) as m:
             m.set_data(data)
@@ -239,7 +267,7 @@ def write_stack(
     """
     if images.ndim != 3:
         raise ValueError(f"images must be (n, L, L), got shape {tuple(images.shape)}")
-    data = _as_numpy(images, dtype)
+    data = _as_numpy(images, dtype, path)
     with atomic_path(path, overwrite) as tmp:
         with mrcfile.new(tmp, overwrite=True) as m:
             m.set_data(data)
@@ -324,7 +352,7 @@ class StackWriter:
             raise ValueError(f"expected {len(rows)} images of shape ({self.L}, {self.L}), got {tuple(images.shape)}")
         if self.count + b > self.n or (b and (rows.min() < 0 or rows.max() >= self.n)):
             raise ValueError(f"{self.path}: writing rows beyond a stack of {self.n} images")
-        chunk = _as_numpy(images, self.dtype)
+        chunk = _as_numpy(images, self.dtype, self.path, rows=rows)
         self._mrc.data[rows] = chunk
         self.count += b
         c64 = chunk.astype(np.float64)

@@ -26,7 +26,6 @@ and the aligned truth. Files (in ``out_dir``, default the trainer's ``default_ro
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import lightning.pytorch as pl
 import torch
 from tqdm import tqdm
 
+from cryo_lightning.io.json_text import json_text
 from cryo_lightning.abinitio.mom import map_polish
 from cryo_lightning.abinitio.volume_alignment import aligned_fsc
 from cryo_lightning.io.atomic_write import atomic_path
@@ -71,7 +71,7 @@ class JointReport(pl.Callback):
                                    out=out, gallery_images=self.gallery_images)
         report["validation"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         with atomic_path(out / "metrics.json", overwrite=True) as tmp:
-            tmp.write_text(json.dumps(report, indent=2))
+            tmp.write_text(json_text(report, indent=2))
         m = report["median"]
         print(f"\nJoint pipeline on {self.molecules} held-out molecules (medians):\n"
               f"  image relative MSE   noisy {m['noisy_rel_mse']:.3f}   denoised {m['image_rel_mse']:.3f}\n"

@@ -20,7 +20,6 @@ pixel size), and evaluates the result. Writes metrics.json, CSV tables and PNG p
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from cryo_lightning.data.particles import ParticleSource, metadata_batch
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor, background_stats
 from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.json_text import json_safe, json_text
 from cryo_lightning.io.mrc import read_map, require_cubic
 from cryo_lightning.io.stack_reader import read_stack_info
 from cryo_lightning.physics.fourier import fourier_shell_correlation, resolution_at
@@ -56,18 +56,6 @@ DEFAULT_MAX_BOX = 128
 
 UNITS = ("normalized", "raw")
 THRESHOLDS = (0.143, 0.5)
-
-
-def _json_safe(obj):
-    """JSON has no NaN or infinity: such numbers become null (a resolution of ``inf``: no correlation
-    at all; an energy ratio of NaN: a block the raw data do not resolve)."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _frequencies(L: int, pixel: float) -> list[float]:
@@ -109,6 +97,10 @@ def half_map_fsc(half1: str, half2: str, mask: str | None = None, pixel_size: fl
         no correlation at all; Nyquist if it never falls below).
     """
     maps = [require_cubic(read_map(p)) for p in (half1, half2)]
+    for path, m in zip((half1, half2), maps):  # an FSC of NaN maps reads as Nyquist resolution
+        bad = int((~torch.isfinite(m.data)).sum())
+        if bad:
+            raise InputError(f"{path}: {bad} NaN/Inf voxel(s): no FSC is computed from a non-finite map")
     if maps[0].data.shape != maps[1].data.shape:
         raise InputError(f"{half2}: box {tuple(maps[1].data.shape)} differs from {half1}'s "
                          f"{tuple(maps[0].data.shape)}; half maps must be on the same grid")
@@ -420,8 +412,8 @@ def evaluate(
                 metrics["frc"] = {"skipped": frc_skip}
     metrics["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     metrics["outputs"] = {k: str(v) for k, v in paths.items()}
-    metrics = _json_safe(metrics)
-    _write_text(paths["json"], json.dumps(metrics, indent=1, allow_nan=False))
+    metrics = json_safe(metrics)
+    _write_text(paths["json"], json_text(metrics))
     return metrics
 
 

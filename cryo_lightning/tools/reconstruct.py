@@ -32,7 +32,6 @@ written in the reference frame so the two can be compared directly.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -54,6 +53,7 @@ from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
 from cryo_lightning.data.resample import estimate_snr
 from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.json_text import json_text
 from cryo_lightning.io.mrc import read_map, require_cubic, write_map, write_stack
 from cryo_lightning.io.particle_writer import star_blocks_for_stack
 from cryo_lightning.io.star import write_particles_star
@@ -204,7 +204,7 @@ def reconstruct_particles(
                                           moments or MomentOptions(), seed, overwrite, learned=method == "learned")
             report.seconds = {**{k: round(v, 2) for k, v in timings.items()}, **report.seconds}
             with atomic_path(paths["json"], overwrite=True) as tmp_json:
-                Path(tmp_json).write_text(json.dumps(report.__dict__, indent=1))
+                Path(tmp_json).write_text(json_text(report.__dict__))
             return report
 
         centres = torch.arange(len(rows), device=dev)
@@ -261,7 +261,7 @@ def reconstruct_particles(
         fsc_plot(paths["png"], curves, L, pixel)
         report.seconds = {k: round(v, 2) for k, v in timings.items()}
         with atomic_path(paths["json"], overwrite=True) as tmp_json:
-            Path(tmp_json).write_text(json.dumps(report.__dict__, indent=1))
+            Path(tmp_json).write_text(json_text(report.__dict__))
     return report
 
 

@@ -12,7 +12,6 @@ CTF-affected images), ``volume.mrc`` (the volume at the requested box and pixel 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from cryo_lightning.data.molecule_bank import derive_seed
 from cryo_lightning.data.set_simulator import random_viewing_distribution
 from cryo_lightning.io.atomic_write import atomic_path, check_overwrite
 from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.json_text import json_text
 from cryo_lightning.io.mrc import StackWriter, write_map
 from cryo_lightning.io.particle_table import CS_RANGE_MM, MIN_DEFOCUS_A, VOLTAGE_RANGE_KV
 from cryo_lightning.io.star import image_names, optics_block, write_particles_star
@@ -207,7 +207,7 @@ def simulate(s: SimulateSettings) -> dict[str, Path]:
         "outputs": {k: str(v) for k, v in paths.items()},
     }
     with atomic_path(paths["settings"], s.overwrite) as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
+        tmp.write_text(json_text(report, indent=2))
     return paths
 
 

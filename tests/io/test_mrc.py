@@ -226,3 +226,25 @@ def test_emd_3197_nonzero_start_and_cryojax_potential(shared_data):
     potential = require_cubic(read_map(shared_data / "real" / "cryojax" / "3j9g_potential_ps4_4.mrc"))
     assert tuple(potential.data.shape) == (64, 64, 64) and potential.pixel_size == pytest.approx(4.4)
     assert float(potential.data.min()) >= -1e-6  # a scattering potential is non-negative
+
+
+def test_non_finite_outputs_are_refused_and_nothing_is_written(tmp_path):
+    """Outputs are checked before they are published (issue 22): NaN or Inf in a map or stack, or
+    values that float16 cannot hold, raise NonFiniteOutputError naming the file and the first bad
+    image, and leave no file (nor temporary file) behind."""
+    from cryo_lightning.io.mrc import NonFiniteOutputError
+
+    images = torch.zeros(5, 8, 8)
+    images[3, 2, 2] = float("nan")
+    with pytest.raises(NonFiniteOutputError, match=r"s.mrcs: 1 NaN/Inf value\(s\) in image 4 \(1-based"):
+        write_stack(tmp_path / "s.mrcs", images, 1.0)
+    volume = torch.zeros(4, 4, 4)
+    volume[0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteOutputError, match=r"m.mrc: 1 NaN/Inf value\(s\) in the volume: not written"):
+        write_map(tmp_path / "m.mrc", volume, 1.0)
+    with pytest.raises(NonFiniteOutputError, match=r"h.mrcs: values up to 1e\+06 exceed float16's range"):
+        write_stack(tmp_path / "h.mrcs", torch.full((2, 8, 8), 1e6), 1.0, dtype=torch.float16)
+    with pytest.raises(NonFiniteOutputError, match=r"w.mrcs: .* in image 7 \(1-based"):
+        with StackWriter(tmp_path / "w.mrcs", 8, 8, 1.0) as writer:
+            writer.write_rows(np.array([0, 6]), torch.stack([torch.zeros(8, 8), torch.full((8, 8), float("nan"))]))
+    assert list(tmp_path.iterdir()) == []

@@ -84,13 +84,21 @@ def test_half_maps_bad_inputs_name_the_file(tmp_path, capsys):
     write_map(tmp_path / "a.mrc", torch.zeros(L, L, L), PIXEL)
     write_map(tmp_path / "small.mrc", torch.zeros(16, 16, 16), PIXEL)
     write_map(tmp_path / "mask.mrc", 3.0 * torch.ones(L, L, L), PIXEL)
+    import mrcfile
+
+    with mrcfile.new(tmp_path / "nan.mrc") as m:  # write_map refuses NaN
+        m.set_data(np.full((L, L, L), np.nan, dtype=np.float32))
+        m.voxel_size = PIXEL
     for extra, expected in ((["--half-maps", str(tmp_path / "a.mrc"), str(tmp_path / "small.mrc")], "small.mrc"),
+                            (["--half-maps", str(tmp_path / "a.mrc"), str(tmp_path / "nan.mrc")],
+                             f"nan.mrc: {L ** 3} NaN/Inf voxel(s): no FSC is computed from a non-finite map"),
                             (["--half-maps", str(tmp_path / "a.mrc"), str(tmp_path / "a.mrc"), "--mask",
                               str(tmp_path / "mask.mrc")], "[0, 1]"),
                             ([], "nothing to evaluate")):
         with pytest.raises(SystemExit) as err:
             main(["evaluate", *extra, "--out", str(tmp_path / "out")])
         assert err.value.code == 2 and expected in capsys.readouterr().err
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing published
 
 
 # -- particles: moment consistency ---------------------------------------------------------------
