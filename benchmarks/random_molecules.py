@@ -22,16 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from realmaps import ROOT, cryol_command, machine, run_cli, shipped_models, summary, to_clean_units
 
-from cryo_lightning.data.particles import open_particles
+from cryo_lightning.data.particles import metadata_batch, open_particles
 from cryo_lightning.denoise.cwf import cwf_denoise
 from cryo_lightning.denoise.wiener import wiener_denoise
 from cryo_lightning.io.mrc import read_stack
 from cryo_lightning.metrics import relative_mse
-from cryo_lightning.physics.ctf import CTFParams, ctf_2d
+from cryo_lightning.physics.ctf import ctf_2d
 
 ISSUE_FIGURES = {"U-Net (issue 21, configs/denoise_unet_cpu.yaml)": 0.71,
                  "set transformer (issue 21, configs/denoise_transformer_cpu.yaml)": 0.47}
@@ -48,12 +49,8 @@ def simulate(folder: Path, seed: int, args) -> Path:
 def stack_ctf(star: Path) -> torch.Tensor:
     """``(n, L, L)`` RELION-sign CTFs of the simulated particles, from their STAR rows."""
     source = open_particles(star)
-    df = source.table.particles
-    params = CTFParams(**{f: torch.tensor(df[c].to_numpy()) for f, c in (
-        ("defocus_u", "defocus_u_A"), ("defocus_v", "defocus_v_A"), ("defocus_angle", "defocus_angle_deg"),
-        ("voltage", "voltage_kV"), ("cs", "cs_mm"), ("amplitude_contrast", "amp_contrast"),
-        ("phase_shift", "phase_shift_deg"), ("bfactor", "ctf_bfactor_A2"), ("scale", "ctf_scale"))})
-    return ctf_2d(params.to(dtype=torch.float32), source.box, float(df["pixel_size_A"].median()))
+    meta = metadata_batch(source, np.arange(len(source)))
+    return ctf_2d(meta["ctf_params"], source.box, float(meta["pixel_size_A"].median()))
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from cryo_lightning.physics.ctf import CTFParams, ctf_2d, phase_flip
 from cryo_lightning.physics.fourier import fft2c, fourier_resize, ifft2c, radial_grid, shell_average
 from cryo_lightning.physics.noise import disk_mask
 
-__all__ = ["CTF_MODES", "PreprocessConfig", "background_stats", "background_normalize", "noise_spectrum", "Preprocessor"]
+__all__ = ["CTF_MODES", "PreprocessConfig", "background_stats", "background_normalize",
+           "normalization_stats", "noise_spectrum", "Preprocessor"]
 
 CTF_MODES = ("full", "phase_flipped", "premultiplied", "none")
 
@@ -77,11 +78,18 @@ def background_normalize(images: torch.Tensor, radius_fraction: float = 0.75) ->
         radius_fraction: the background is every pixel at distance ``>= radius_fraction * L / 2``
             from the centre ``L // 2``.
     """
+    mean, std = normalization_stats(images, radius_fraction)
+    return (images - mean) / std
+
+
+def normalization_stats(images: torch.Tensor, radius_fraction: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation ``(..., 1, 1)`` that :func:`background_normalize` uses: the
+    background's (:func:`background_stats`), or the whole image's standard deviation for a flat
+    background."""
     mean, std = background_stats(images, radius_fraction)
     whole = images.flatten(-2).std(-1)[..., None, None]
     flat = std <= 1e-6 * whole
-    std = torch.where(flat, whole, std).clamp_min(torch.finfo(images.dtype).tiny)
-    return (images - mean) / std
+    return mean, torch.where(flat, whole, std).clamp_min(torch.finfo(images.dtype).tiny)
 
 
 def noise_spectrum(images: torch.Tensor, radius_fraction: float = 0.75) -> torch.Tensor:
@@ -152,8 +160,9 @@ class Preprocessor:
                 noise spectrum itself).
         Returns:
             dict with ``images`` ``(..., L_out, L_out)`` float32, ``pixel_size`` ``(...)``,
-            ``ctf`` ``(..., L_out, L_out)`` (the effective CTF, see the module docstring) and
-            ``ctf_mode``.
+            ``ctf`` ``(..., L_out, L_out)`` (the effective CTF, see the module docstring),
+            ``ctf_mode`` and, with ``normalize``, ``background`` ``(mean, std)`` ``(..., 1, 1)``:
+            what the normalisation subtracted and divided by.
         """
         cfg = self.config
         x = images.float()
@@ -164,8 +173,11 @@ class Preprocessor:
         if L_out != x.shape[-1]:
             x = fourier_resize(x, L_out, 2)
         pixel = pixel_size.to(torch.float32) * (self.box / L_out)
+        extra = {}
         if cfg.normalize:
-            x = background_normalize(x, cfg.background_radius)
+            mean, std = normalization_stats(x, cfg.background_radius)
+            x = (x - mean) / std
+            extra["background"] = (mean, std)
 
         mode = self.ctf_mode(stored_mode)
         if stored_mode == "none" or ctf_params is None:
@@ -189,4 +201,4 @@ class Preprocessor:
             weight = self.noise_psd.to(x.device).clamp_min(1e-6).rsqrt()
             x = ifft2c(fft2c(x) * weight).real
             effective = effective * weight
-        return {"images": x, "pixel_size": pixel, "ctf": effective, "ctf_mode": mode}
+        return {"images": x, "pixel_size": pixel, "ctf": effective, "ctf_mode": mode, **extra}

@@ -192,12 +192,12 @@ class NonFiniteOutputError(InputError):
     weights or the float16 range are the usual causes). The CLI prints the message, exit 2."""
 
 
-def _as_numpy(x: torch.Tensor, dtype: torch.dtype, path: str | os.PathLike, first_row: int = 0,
+def _as_numpy(x: torch.Tensor, dtype: torch.dtype, path: str | os.PathLike,
               rows: np.ndarray | None = None) -> np.ndarray:
     """``x`` as a contiguous numpy array of ``dtype``, refusing non-finite values (outputs are
     checked before they are published): NaN or Inf already in ``x``, or values beyond float16's
     range that the conversion would turn into Inf. Messages name ``path`` and the first bad image
-    (``rows``: the images' row numbers, else ``first_row + i``)."""
+    (``rows``: the images' row numbers, else their positions in ``x``)."""
     if dtype not in _WRITE_MODES:
         raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
     data = np.ascontiguousarray(x.detach().to("cpu", dtype).numpy())
@@ -205,7 +205,7 @@ def _as_numpy(x: torch.Tensor, dtype: torch.dtype, path: str | os.PathLike, firs
     if bad.any():
         per_image = bad.reshape(bad.shape[0], -1).any(1) if data.ndim == 3 else bad.reshape(1, -1).any(1)
         i = int(np.flatnonzero(per_image)[0])
-        row = int(rows[i]) if rows is not None else first_row + i
+        row = int(rows[i]) if rows is not None else i
         where = f"image {row + 1} (1-based; {int(per_image.sum())} image(s) of this batch)" if data.ndim == 3 \
             else "the volume"
         source = x.detach().to("cpu", torch.float64)

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from cryo_lightning.data.particles import ParticleSource, metadata_batch
-from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor, background_stats
+from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
 from cryo_lightning.data.resample import ScalePlan, estimate_snr
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter
@@ -184,20 +184,25 @@ def _prepare(source: ParticleSource, rows: np.ndarray, processor: Preprocessor, 
     meta = metadata_batch(source, rows)
     pixels, sign = meta["pixel_size_A"].to(dev), meta["data_sign"].to(dev)
     images = torch.from_numpy(source.read(rows)).to(dev)
-    signed = images.float() * (sign.float()[:, None, None] * (-1.0 if processor.config.invert_contrast else 1.0))
-    raw_mean, raw_std = background_stats(signed, processor.config.background_radius)
-    offset = raw_mean / raw_std.clamp_min(torch.finfo(torch.float32).tiny)
     if plan.identity:  # as the model was trained: one pass, CTF included
         out = processor(images, pixels, sign, meta["ctf_params"], mode)
         mean, std = plan.model_input(out["images"])[1:]
-        return {**out, "mean": mean, "std": std, "offset": offset}
-    x, mean, std = plan.model_input(processor(images, pixels, sign, None, mode)["images"])
+        return {**out, "mean": mean, "std": std, "offset": _offset(out)}
+    first = processor(images, pixels, sign, None, mode)
+    offset = _offset(first)
+    x, mean, std = plan.model_input(first["images"])
     # x is processed already: this pass only computes the effective CTF at the model's box and pixel size
     out = ctf_processor(x, pixels * plan.scale, torch.ones_like(sign), meta["ctf_params"], mode)
     # a constant survives the Fourier resampling; after a downsampling model_input renormalised
     if plan.downsamples:
         offset = (offset + mean) / std
     return {**out, "mean": mean, "std": std, "offset": offset}
+
+
+def _offset(processed: dict) -> torch.Tensor:
+    """The constant that background normalisation subtracted, in normalised units ``(n, 1, 1)``."""
+    mean, std = processed["background"]
+    return mean / std
 
 
 @torch.no_grad()
