@@ -10,7 +10,9 @@ requires a model for every subcommand).
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from cryo_lightning import __version__
@@ -61,7 +63,28 @@ TOOLS = {
     ),
 }
 # What a user can fix: printed as one line without a traceback unless --debug is given.
-USER_ERRORS = (InputError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (InputError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
+
+
+class Terminated(BaseException):
+    """SIGTERM received by a tool: raised in the main thread so that every ``with`` block (staged
+    outputs, temporary folders) cleans up on the way out, as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated
+
+
+def _message(err: Exception) -> str:
+    """One line for a user error; OS errors as 'PATH: reason' rather than '[Errno N] ...'."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        hint = {FileExistsError: "; choose another --out (or pass --overwrite to replace a file)",
+                PermissionError: "; check the permissions, or choose another location",
+                IsADirectoryError: ": a file was expected", NotADirectoryError: ": a folder was expected"}
+        return f"{err.filename}: {err.strerror.lower()}{hint.get(type(err), '')}"
+    return str(err)
 
 
 def _overview() -> str:
@@ -113,14 +136,47 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+    name = args[0] if args else "cryol"
+    # signal handlers can only be set from the main thread (not when main() runs in a test's thread)
+    tool = name in TOOLS and threading.current_thread() is threading.main_thread()
+    if tool:  # trainer verbs keep Lightning's own SIGTERM handling (requeue on clusters)
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         _dispatch(args)
+    except (KeyboardInterrupt, Terminated) as err:
+        if debug:
+            raise
+        what, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
+        print(f"cryol {name}: stopped by {what}" + ("; unfinished outputs were removed" if tool else ""), file=sys.stderr)
+        raise SystemExit(code) from None
     except Exception as err:
         if debug or not isinstance(err, USER_ERRORS):
             raise
-        name = args[0] if args else "cryol"
-        print(f"cryol {name}: error: {err}", file=sys.stderr)
+        print(f"cryol {name}: error: {_message(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        if tool:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _check_config_files(args: list[str]) -> None:
+    """Refuse a ``--config`` that is not a readable text file before LightningCLI parses it (a
+    binary file otherwise ends in a UnicodeDecodeError traceback)."""
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else \
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.read().decode("utf-8")
+        except FileNotFoundError:
+            raise InputError(f"--config {path}: no such file") from None
+        except UnicodeDecodeError as err:
+            raise InputError(f"--config {path} is not a text (YAML) file: byte {err.start} is not UTF-8; give a "
+                             "config such as configs/quickstart.yaml") from None
+        except OSError as err:
+            raise InputError(f"--config {path}: cannot be read ({err.strerror})") from None
 
 
 def _dispatch(args: list[str]) -> None:
@@ -137,6 +193,7 @@ def _dispatch(args: list[str]) -> None:
     if args[0] not in TRAINER_VERBS:
         print(f"cryol: unknown subcommand {args[0]!r}\n\n{_overview()}", file=sys.stderr)
         raise SystemExit(2)
+    _check_config_files(args)
     # LightningCLI gets the arguments explicitly (without --debug), so hide the host's argv.
     saved, sys.argv = sys.argv, sys.argv[:1]
     try:

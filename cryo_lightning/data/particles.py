@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor, noise_spectrum
-from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.errors import MAX_LISTED, InputError
 from cryo_lightning.io.mrc import StackWriter
 from cryo_lightning.io.particle_table import ParticleTable, read_particles
 from cryo_lightning.io.stack_paths import resolve_stacks
@@ -30,7 +31,7 @@ from cryo_lightning.physics.ctf import CTFParams
 from cryo_lightning.physics.rotations import euler_to_matrix
 
 __all__ = [
-    "ParticleSource", "open_particles", "metadata_batch", "estimate_noise_psd", "ParticleSetDataset",
+    "ParticleSource", "open_particles", "nonfinite_rows", "without_nonfinite", "metadata_batch", "estimate_noise_psd", "ParticleSetDataset",
     "ParticleDataModule",
 ]
 
@@ -75,18 +76,85 @@ class ParticleSource:
         """The stored images' CTF mode: the config's override, else the metadata's."""
         return config.ctf_mode or self.stored_ctf_mode
 
+    def subset(self, rows: np.ndarray) -> ParticleSource:
+        """The source restricted to table positions ``rows`` (in that order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return replace(self, table=self.table.subset(rows), stack_ids=self.stack_ids[rows],
+                       stack_indices=self.stack_indices[rows], warnings=list(self.warnings))
+
+
+def nonfinite_rows(source: ParticleSource, chunk_bytes: int = 64 << 20) -> np.ndarray:
+    """Table positions (0-based, sorted) of the images holding any NaN or Inf pixel.
+
+    Integer stacks cannot hold either and are not read. Floating-point ones are read once, in
+    chunks of about ``chunk_bytes`` in stack order (contiguous reads), with a progress bar on a
+    terminal. A corrupt image is a real event (a failed motion-correction or extraction job writes
+    NaN), and one NaN spreads through every Fourier transform, normalisation, average and
+    reconstruction it touches, so the check runs before any of them.
+    """
+    floating = [i for i, info in enumerate(source.reader.infos) if info.dtype.kind in "fc"]
+    rows = np.flatnonzero(np.isin(source.stack_ids, floating))
+    if not len(rows):
+        return rows
+    rows = rows[np.lexsort((source.stack_indices[rows], source.stack_ids[rows]))]
+    per_image = source.reader.infos[floating[0]].frame_bytes
+    chunk = max(1, chunk_bytes // max(per_image, 1))
+    bad = [np.empty(0, np.int64)]
+    for start in tqdm(range(0, len(rows), chunk), desc="checking images", unit="chunk", leave=False,
+                      disable=True if len(rows) <= chunk else None):
+        r = rows[start : start + chunk]
+        finite = np.isfinite(source.read(r)).reshape(len(r), -1).all(axis=1)
+        bad.append(r[~finite])
+    return np.sort(np.concatenate(bad))
+
+
+def without_nonfinite(source: ParticleSource, strict: bool = False, name: str | os.PathLike | None = None,
+                      bad: np.ndarray | None = None) -> ParticleSource:
+    """``source`` without its images holding NaN or Inf, with a warning naming how many and which rows.
+
+    Args:
+        source: the opened particles.
+        strict: refuse the file instead (``--strict``).
+        name: the file named in messages (default: the metadata file).
+        bad: the positions to drop, if already known (default: :func:`nonfinite_rows`).
+
+    Raises:
+        InputError: with ``strict`` and any non-finite image, or when no image is finite.
+    """
+    bad = nonfinite_rows(source) if bad is None else np.asarray(bad, dtype=np.int64)
+    if not len(bad):
+        return source
+    n = len(source)
+    ids = source.table.particles["particle_id"].to_numpy()[bad] + 1
+    listing = ", ".join(map(str, ids[:MAX_LISTED])) + (f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else "")
+    what = f"{name or source.table.source}: {len(bad)} of {n} particle images hold NaN or Inf pixels (data rows {listing})"
+    if strict:
+        raise InputError(f"{what}; --strict refuses such a file: leave those rows out (e.g. cryol export --rows) "
+                         "or drop --strict to have them left out with a warning")
+    if len(bad) == n:
+        raise InputError(f"{what}: no image is usable")
+    keep = np.setdiff1d(np.arange(n), bad)
+    kept = source.subset(keep)
+    kept.warnings.append(f"{what}; they are left out of every statistic, reconstruction and output "
+                         "(--strict refuses the file instead)")
+    return kept
+
 
 def open_particles(
     path: str | os.PathLike,
     datadir: str | os.PathLike | None = None,
     pixel_size: float | None = None,
     assume: dict[str, float] | None = None,
+    strict: bool = False,
+    check_finite: bool = True,
 ) -> ParticleSource:
     """Read a STAR/.cs file, resolve and check all its stacks, and return a :class:`ParticleSource`.
 
     Every problem that can be found before reading images (missing stacks, unreadable or truncated
     stacks, box mismatch, non-square images, unknown pixel size) raises one
-    :class:`~cryo_lightning.io.errors.InputError` here.
+    :class:`~cryo_lightning.io.errors.InputError` here. With ``check_finite`` the images are then
+    read once and those holding NaN or Inf are left out with a warning, or refused with ``strict``
+    (:func:`without_nonfinite`).
     """
     table = read_particles(path, pixel_size=pixel_size, assume=assume)
     if len(table) == 0:
@@ -110,7 +178,8 @@ def open_particles(
     check_box(reader.infos, expected if expected is not None else -1, Path(path))
     box = reader.infos[0].nx
     warnings = list(table.warnings)
-    pixel_warning = check_pixel_size(reader.infos, float(df["pixel_size_A"].median()), Path(path))
+    pixel_warning = check_pixel_size(reader.infos, float(df["pixel_size_A"].median()), Path(path),
+                                     given=pixel_size is not None)
     if pixel_warning:
         warnings.append(pixel_warning)
     optics = table.blocks.get("optics")
@@ -124,7 +193,8 @@ def open_particles(
         mode = "phase_flipped"
     else:
         mode = "full"
-    return ParticleSource(table, reader, stack_ids, stack_indices, box, mode, warnings)
+    source = ParticleSource(table, reader, stack_ids, stack_indices, box, mode, warnings)
+    return without_nonfinite(source, strict) if check_finite else source
 
 
 def metadata_batch(source: ParticleSource, rows: np.ndarray) -> dict[str, Any]:

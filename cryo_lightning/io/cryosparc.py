@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ __all__ = ["read_cryosparc", "flatten_fields"]
 _REQUIRED_CTF_FIELDS = ("ctf/df1_A", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast")
 
 
-def flatten_fields(data: np.ndarray) -> pd.DataFrame:
+def flatten_fields(data: np.ndarray, path: str | os.PathLike = "the .cs file") -> pd.DataFrame:
     """A ``.cs`` structured array as a DataFrame, one column per scalar field.
 
     Vector fields become ``name_0, name_1, ...`` (e.g. ``ctf/anisomag_0..3``); byte strings are
@@ -48,7 +47,7 @@ def flatten_fields(data: np.ndarray) -> pd.DataFrame:
     for name in data.dtype.names or ():
         values = data[name]
         if values.dtype.kind == "S":
-            columns[name] = pd.Series(np.char.decode(values, "utf-8"), dtype=str)
+            columns[name] = pd.Series(_decode(values, path, name), dtype=str)
         elif values.ndim == 1:
             columns[name] = values
         else:
@@ -63,11 +62,25 @@ def _load(path: Path) -> np.ndarray:
         raise InputError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except Exception as err:  # a damaged .npy header gives ValueError, SyntaxError, tokenize.TokenError, ...
         raise InputError(f"{path}: cannot be read as a cryoSPARC .cs file ({type(err).__name__}: {err})") from err
     if not isinstance(data, np.ndarray) or data.dtype.names is None or data.ndim != 1:
         raise InputError(f"{path}: not a cryoSPARC .cs file (expected a 1-D numpy structured array)")
     return data
+
+
+def _decode(values: np.ndarray, path: str | os.PathLike, field: str) -> np.ndarray:
+    """Byte strings of a field as text, or an InputError naming the field and the first bad row."""
+    try:
+        return np.char.decode(values, "utf-8")
+    except UnicodeDecodeError:
+        for row, value in enumerate(values):
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}: field {field} of row {row + 1} is not UTF-8 text ({value[:40]!r}); "
+                                 "the file is damaged: export it again from cryoSPARC") from None
+        raise
 
 
 def _alignment_prefix(names: tuple[str, ...]) -> str | None:
@@ -105,7 +118,7 @@ def read_cryosparc(path: str | os.PathLike, pixel_size: float | None = None) -> 
     warnings: list[str] = []
     columns: dict[str, Any] = {}
     common = dict(
-        source=path, format="cryosparc", blocks={"particles": flatten_fields(data)}, particle_block="particles"
+        source=path, format="cryosparc", blocks={"particles": flatten_fields(data, path)}, particle_block="particles"
     )
 
     if pixel_size is not None and not (math.isfinite(pixel_size) and pixel_size > 0):
@@ -130,7 +143,7 @@ def read_cryosparc(path: str | os.PathLike, pixel_size: float | None = None) -> 
                 f"{path}: no {field} field, so the particle images cannot be found; use the job's particles "
                 "file (e.g. J24_particles.cs or an exported particles .cs), not a passthrough file"
             )
-    stack = clean_stack_names(pd.Series(np.char.decode(data["blob/path"], "utf-8"), dtype=str))
+    stack = clean_stack_names(pd.Series(_decode(data["blob/path"], path, "blob/path"), dtype=str))
     index = data["blob/idx"].astype(np.int64)
     columns["stack_name"] = stack
     columns["stack_index"] = index
@@ -174,7 +187,7 @@ def read_cryosparc(path: str | os.PathLike, pixel_size: float | None = None) -> 
 
     columns.update(_alignment_columns(data, names, pixel))
     if "location/micrograph_path" in names:
-        columns["micrograph_name"] = pd.Series(np.char.decode(data["location/micrograph_path"], "utf-8"), dtype=str)
+        columns["micrograph_name"] = pd.Series(_decode(data["location/micrograph_path"], path, "location/micrograph_path"), dtype=str)
 
     table = ParticleTable(
         particles=canonical_frame(columns, n),

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from cryo_lightning.io.errors import InputError, listed
+from cryo_lightning.io.errors import InputError, listed, path_problem
 
 __all__ = ["find_project_root", "resolve_stacks"]
 
@@ -144,13 +144,20 @@ def resolve_stacks(
     names = list(dict.fromkeys(stack_names))
     found: dict[str, Path] = {}
     missing: dict[str, list[Path]] = {}
+    unusable: list[str] = []
     for name in names:
         tried = _candidates(name, data, metadata_dir, parents, cwd)
         hit = next((p for p in tried if os.path.isfile(p)), None)
         if hit is None:
             missing[name] = tried
+            problem = next(((p, path_problem(p)) for p in tried if path_problem(p)), None)
+            if problem:
+                unusable.append(f"{name}: {problem[0]} {problem[1]}")
         else:
             found[name] = Path(hit).resolve()
+    if unusable:
+        raise InputError("\n".join([f"{len(unusable)} of {len(names)} image stacks referenced by {metadata_path} "
+                                     "exist but cannot be read as stacks:", *listed(unusable)]))
     if missing:
         raise InputError(
             _missing_message(missing, len(names), metadata_path, data, metadata_dir, parents, cwd)

@@ -504,8 +504,9 @@ def check_pixel_size(
     expected_pixel_size: float | Mapping[str | os.PathLike, float],
     metadata_path: str | os.PathLike,
     rel_tol: float = 0.01,
+    given: bool = False,
 ) -> str | None:
-    """Compare the stacks' header pixel sizes with the metadata's.
+    """Compare the stacks' header pixel sizes with the metadata's (or the one the user gave).
 
     The metadata wins (RELION ignores MRC headers), so a difference is only reported.
     Header values of 0 and 1.0 are skipped: writers leave them when the pixel size is
@@ -520,6 +521,7 @@ def check_pixel_size(
             ``StackInfo.path``); missing or non-positive values are not checked.
         metadata_path: the STAR/.cs file, named in the message.
         rel_tol: tolerated relative difference.
+        given: the expected value was given by the user (``--pixel-size``), not read from the file.
     Returns:
         A warning message naming both values for the first stacks that differ, or None.
     """
@@ -534,17 +536,19 @@ def check_pixel_size(
             continue
         if abs(header - expected) > rel_tol * expected:
             differing.append(
-                f"{info.path}: header {header:.4g} A/px, metadata {float(expected):.4g} A/px"
+                f"{info.path}: header {header:.4g} A/px, {'--pixel-size' if given else 'metadata'} "
+                f"{float(expected):.4g} A/px"
             )
     if not differing:
         return None
     lines = [
         f"{len(differing)} of {len(infos)} stacks have a header pixel size that differs by "
-        f"more than {rel_tol:.0%} from {metadata_path}:"
+        f"more than {rel_tol:.0%} from {'--pixel-size' if given else metadata_path}:"
     ]
     lines += listed(differing)
     lines.append(
+        "Using --pixel-size as given (it overrides the metadata and the headers)." if given else
         "Using the metadata's pixel size; if the images were binned or rescaled, fix the "
-        "metadata (rlnImagePixelSize) or pass the pixel size explicitly."
+        "metadata (rlnImagePixelSize) or give the right value with --pixel-size."
     )
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.errors import InputError, path_problem
 from cryo_lightning.io.particle_table import ParticleTable, canonical_frame, clean_stack_names
 
 __all__ = ["ASSUME_KEYS", "read_star"]
@@ -205,8 +205,11 @@ def _assume_labels(assume: Mapping[str, float] | None) -> dict[str, tuple[str, f
 
 
 def _read_blocks(path: Path) -> dict[str, Any]:
+    problem = path_problem(path)
+    if problem:
+        raise InputError(f"{path} {problem}")
     if not path.is_file():
-        raise InputError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+        raise InputError(f"{path}: file not found")
     try:
         return starfile.read(path, always_dict=True, parse_as_string=_STRING_LABELS)
     except Exception as err:  # starfile/pandas raise many types for malformed text

@@ -3,19 +3,66 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.errors import InputError, path_problem
 
-__all__ = ["DENOISER_PREFIXES", "RECONSTRUCTOR_PREFIXES", "load_task_weights"]
+__all__ = ["DENOISER_PREFIXES", "RECONSTRUCTOR_PREFIXES", "read_checkpoint", "task_name", "load_task_weights"]
 
 # where each task keeps the network: DenoiseTask/ReconstructTask `net`, JointTask `denoiser`/`reconstructor`
 DENOISER_PREFIXES = ("net", "denoiser")
 RECONSTRUCTOR_PREFIXES = ("net", "reconstructor")
+
+
+def read_checkpoint(path: str | Path, option: str = "--ckpt", mmap: bool = True) -> dict[str, Any]:
+    """The tensors and plain values of a ``cryol fit`` checkpoint (no code in it runs), checked.
+
+    Every way a checkpoint file can be wrong gives one message naming the option and the file:
+    missing, a folder (the checkpoints in it are named), empty, truncated or not a PyTorch file,
+    holding Python objects, or a PyTorch file that ``cryol fit`` did not write.
+
+    Raises:
+        InputError: as above.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.rglob("*.ckpt"))[:3]
+        hint = f"e.g. {', '.join(map(str, found))}" if found else "there is no .ckpt file in it"
+        raise InputError(f"{option} {path} is a folder: give a checkpoint file ({hint})")
+    problem = path_problem(path)
+    if problem:
+        raise InputError(f"{option} {path} {problem}")
+    if not path.is_file():
+        raise InputError(f"{option} {path}: no such file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{option} {path} is empty (0 bytes): the run that wrote it was probably stopped while "
+                         "saving; use another checkpoint (e.g. last.ckpt, or an earlier epoch's)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, with its index at the end
+        raise InputError(f"{option} {path} is not a PyTorch checkpoint: truncated (an interrupted copy or save?) "
+                         "or another kind of file")
+    try:  # tensors and plain values only, as Lightning loads checkpoints: no code runs
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise InputError(f"{option} {path}: holds Python objects besides weights (a task built in code keeps its "
+                         "network object in the hyperparameters); use a checkpoint written by `cryol fit`") from err
+    except Exception as err:  # a damaged archive: torch raises RuntimeError, EOFError, ...
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise InputError(f"{option} {path} cannot be read as a PyTorch checkpoint ({first}); it is probably "
+                         "damaged: use another copy") from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= checkpoint.keys():
+        raise InputError(f"{option} {path} is a PyTorch file but not a `cryol fit` checkpoint (no state_dict and "
+                         "hyper_parameters); give runs/<name>/checkpoints/last.ckpt or a shipped model name")
+    return checkpoint
+
+
+def task_name(checkpoint: dict[str, Any]) -> str:
+    """The task class a checkpoint was written by (e.g. ``"DenoiseTask"``; ``""`` if unrecorded)."""
+    return str(checkpoint.get("hyper_parameters", {}).get("_class_path", "")).rsplit(".", 1)[-1]
 
 
 def load_task_weights(module: nn.Module, path: str | Path, prefixes: tuple[str, ...], option: str) -> dict[str, Any]:
@@ -33,15 +80,11 @@ def load_task_weights(module: nn.Module, path: str | Path, prefixes: tuple[str, 
             they do not fit ``module`` (the message names the keys or shapes that differ).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise InputError(f"{option} {path}: no such file. Give a checkpoint written by `cryol fit` (e.g. "
                          "runs/quickstart/checkpoints/last.ckpt after `make demo`), or null to start from the "
                          "network's initial weights.")
-    try:  # tensors and plain values only, as Lightning loads checkpoints: no code runs
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise InputError(f"{option} {path}: holds Python objects besides weights (a task built in code keeps its "
-                         "network object in the hyperparameters); use a checkpoint written by `cryol fit`") from err
+    checkpoint = read_checkpoint(path, option, mmap=False)
     weights, hparams = checkpoint.get("state_dict", {}), checkpoint.get("hyper_parameters", {})
     prefix = next((p for p in prefixes if any(k.startswith(p + ".") for k in weights)), None)
     if prefix is None:

@@ -30,7 +30,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 from cryo_lightning.data.resample import ScalePlan, in_range, plan_scale
 from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
+from cryo_lightning.tasks.checkpoints import read_checkpoint, task_name
 from cryo_lightning.tasks.denoise import DenoiseTask
 
 __all__ = ["KINDS", "MANIFEST", "MANIFEST_ENV", "ModelCard", "manifest_path", "list_models", "default_model_name",
@@ -229,7 +229,7 @@ def set_inference_option(task: DenoiseTask, key: str, value: Any, where: str) ->
 
 
 def load_denoiser(spec: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                  manifest: str | os.PathLike | None = None) -> tuple[DenoiseTask, ModelCard]:
+                  manifest: str | os.PathLike | None = None, option: str = "--ckpt") -> tuple[DenoiseTask, ModelCard]:
     """A denoiser from a shipped model name (``name`` or ``pretrained:name``; None: the default
     model) or a checkpoint path, in evaluation mode on ``device``, with its :class:`ModelCard`.
 
@@ -242,8 +242,8 @@ def load_denoiser(spec: str | os.PathLike | None = None, device: str | torch.dev
     if spec is None or str(spec).startswith(PREFIX):
         return load_pretrained(None if spec is None else str(spec), device, manifest)
     path = Path(spec)
-    if path.is_file():
-        task = load_denoise_task(path, torch.device(device))
+    if path.exists() or path.is_symlink():  # a file, or a folder etc. that read_checkpoint explains
+        task = load_denoise_task(path, torch.device(device), option)
         return task, _checkpoint_card(path, task)
     names = [c.name for c in list_models(manifest)]
     if str(spec) in names:
@@ -273,17 +273,15 @@ def resolve_checkpoint(spec: str | os.PathLike, manifest: str | os.PathLike | No
 
 
 def _read_checkpoint(path: Path, what: str = "--ckpt") -> dict:
-    """The checkpoint's tensors and plain values (no code runs), memory-mapped."""
-    if not path.is_file():
-        raise InputError(f"{what} {path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise InputError(f"{what} {path}: holds Python objects besides weights (a task built in code keeps its "
-                         "network object in the hyperparameters); use a checkpoint written by `cryol fit`") from err
+    """:func:`~cryo_lightning.tasks.checkpoints.read_checkpoint`, memory-mapped."""
+    return read_checkpoint(path, what)
 
 
-def load_denoise_task(ckpt: str | os.PathLike, device: torch.device) -> DenoiseTask:
+# checkpoints that hold a denoiser ("" : written before tasks recorded their class)
+DENOISER_TASKS = ("", "DenoiseTask", "SelfSupervisedDenoiseTask", "JointTask")
+
+
+def load_denoise_task(ckpt: str | os.PathLike, device: torch.device, option: str = "--ckpt") -> DenoiseTask:
     """The denoising task of a ``cryol fit`` checkpoint (or an :func:`export_weights` file), in
     evaluation mode on ``device``: a ``DenoiseTask``, the ``SelfSupervisedDenoiseTask`` (whose
     inference differs) that the checkpoint's ``_class_path`` names, or the denoiser of a
@@ -292,7 +290,11 @@ def load_denoise_task(ckpt: str | os.PathLike, device: torch.device) -> DenoiseT
     from cryo_lightning.tasks.self_supervised import SelfSupervisedDenoiseTask
 
     path = Path(ckpt)
-    class_path = str(_read_checkpoint(path).get("hyper_parameters", {}).get("_class_path", ""))
+    name = task_name(_read_checkpoint(path, option))
+    if name not in DENOISER_TASKS:
+        raise InputError(f"{option} {path} is a {name or 'unnamed task'} checkpoint, not a denoiser: give one "
+                         f"written by {', '.join(DENOISER_TASKS[1:])} (or a shipped model name)")
+    class_path = "." + name
     if class_path.endswith(".SelfSupervisedDenoiseTask"):
         # Its starting checkpoint was used in training; the weights here supersede it.
         task = SelfSupervisedDenoiseTask.load_from_checkpoint(path, map_location=device, init_ckpt=None)
@@ -302,6 +304,10 @@ def load_denoise_task(ckpt: str | os.PathLike, device: torch.device) -> DenoiseT
         task = DenoiseTask(joint.denoiser).to(device)
     else:
         task = DenoiseTask.load_from_checkpoint(path, map_location=device)
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in task.state_dict().values() if t.is_floating_point())
+    if bad:
+        raise InputError(f"{option} {path}: {bad} weight(s) are NaN or Inf (the training diverged); use a "
+                         "checkpoint from before it did")
     return task.eval()
 
 

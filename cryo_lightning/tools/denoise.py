@@ -33,6 +33,7 @@ from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
 from cryo_lightning.data.resample import ScalePlan, estimate_snr
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter
+from cryo_lightning.io.output_set import output_set
 from cryo_lightning.io.particle_writer import write_star_for_stack
 from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.physics.polar import PolarSpectrum
@@ -89,13 +90,14 @@ def denoise_particles(
     batch_sets: int = 4, datadir: str | None = None, pixel_size: float | None = None,
     assume: dict[str, float] | None = None, device: str = "auto", overwrite: bool = False, seed: int = 0,
     chunk_particles: int = 20000, model: str | None = None, model_scale: bool = False,
-    sure_blend: bool | None = None,
+    sure_blend: bool | None = None, strict: bool = False,
 ) -> tuple[Path, Path]:
     """Denoise every particle of ``star`` with the checkpoint ``ckpt`` or the shipped ``model``
     (neither: the default shipped model); returns the (stack, STAR) paths.
 
     ``set_size`` None: the model card's. ``model_scale``: write at the model's box and pixel size
-    instead of the input's. ``sure_blend`` None: the model's setting; True/False switches the
+    instead of the input's. ``strict``: refuse an input with NaN/Inf images instead of leaving them
+    out. ``sure_blend`` None: the model's setting; True/False switches the
     per-frequency SURE weighting of a guided model's correction (models/guided_unet.py) on/off.
     """
     from cryo_lightning.tasks.pretrained import (load_denoiser, load_pretrained,  # Lightning only for this command
@@ -103,14 +105,14 @@ def denoise_particles(
 
     if ckpt and model:
         raise InputError("--ckpt and --model both given: choose one (a checkpoint file, or a shipped model name)")
-    if ckpt and not Path(ckpt).is_file():
+    if ckpt and not (Path(ckpt).exists() or Path(ckpt).is_symlink()):
         raise InputError(f"--ckpt {ckpt}: no such file")
     dev = pick_device(device)
     task, card = load_denoiser(ckpt, dev) if ckpt else load_pretrained(model, dev)
     if sure_blend is not None:
         set_inference_option(task, "sure_blend", sure_blend, f"--{'' if sure_blend else 'no-'}sure-blend")
     with tempfile.TemporaryDirectory() as tmp:
-        source = open_particle_input(star, Path(tmp), datadir, pixel_size, assume)
+        source = open_particle_input(star, Path(tmp), datadir, pixel_size, assume, strict)
         return _run(task, card, source, Path(star), Path(out), set_size, context, batch_sets, dev, overwrite, seed,
                     chunk_particles, model_scale)
 
@@ -144,33 +146,34 @@ def _run(task, card, source: ParticleSource, star: Path, out: Path, set_size: in
         print(f"cryol denoise: warning: {message}", file=sys.stderr)
 
     pixel_out = source.table.particles["pixel_size_A"].to_numpy(np.float64) * scale
-    with StackWriter(stack_path, n, out_box, pixel_in * scale, overwrite=overwrite) as writer:
-        progress = tqdm(total=n, desc="denoising", unit="particle", disable=None)
-        for start in range(0, n, chunk_particles):  # bounded memory: sets are formed within chunks
-            chunk = np.arange(start, min(start + chunk_particles, n))
-            embedding = None
-            if context == "neighbours":
-                embedding = torch.cat([rotation_invariant_embedding(prepare(chunk[i:i + 1024])["images"])
-                                       for i in range(0, len(chunk), 1024)])
-            sets = [chunk[s] for s in context_sets(len(chunk), set_size, context, seed + start, embedding)]
-            i, batch = 0, batch_sets
-            while i < len(sets):
-                group = sets[i : i + batch]
-                try:
-                    outputs = _denoise_group(task, group, prepare)
-                except torch.OutOfMemoryError:
-                    if batch == 1:
-                        raise
-                    batch = max(1, batch // 2)  # back off and retry the same sets
-                    torch.cuda.empty_cache()
-                    continue
-                for rows, (denoised, prepared) in zip(group, outputs):
-                    images = plan.model_output(denoised, prepared["mean"], prepared["std"], model_scale)
-                    writer.write_rows(rows, images.cpu())
-                    progress.update(len(rows))
-                i += len(group)
-        progress.close()
-    write_star_for_stack(source.table, star_path, stack_path, out_box, pixel_out, overwrite=overwrite, ctf_mode=mode)
+    with output_set({"stack": stack_path, "star": star_path}, overwrite) as staged:
+        with StackWriter(staged["stack"], n, out_box, pixel_in * scale) as writer:
+            progress = tqdm(total=n, desc="denoising", unit="particle", disable=None)
+            for start in range(0, n, chunk_particles):  # bounded memory: sets are formed within chunks
+                chunk = np.arange(start, min(start + chunk_particles, n))
+                embedding = None
+                if context == "neighbours":
+                    embedding = torch.cat([rotation_invariant_embedding(prepare(chunk[i:i + 1024])["images"])
+                                           for i in range(0, len(chunk), 1024)])
+                sets = [chunk[s] for s in context_sets(len(chunk), set_size, context, seed + start, embedding)]
+                i, batch = 0, batch_sets
+                while i < len(sets):
+                    group = sets[i : i + batch]
+                    try:
+                        outputs = _denoise_group(task, group, prepare)
+                    except torch.OutOfMemoryError:
+                        if batch == 1:
+                            raise
+                        batch = max(1, batch // 2)  # back off and retry the same sets
+                        torch.cuda.empty_cache()
+                        continue
+                    for rows, (denoised, prepared) in zip(group, outputs):
+                        images = plan.model_output(denoised, prepared["mean"], prepared["std"], model_scale)
+                        writer.write_rows(rows, images.cpu())
+                        progress.update(len(rows))
+                    i += len(group)
+            progress.close()
+        write_star_for_stack(source.table, staged["star"], staged["stack"], out_box, pixel_out, ctf_mode=mode)
     return stack_path, star_path
 
 
@@ -255,5 +258,5 @@ def main(argv: list[str] | None = None) -> None:
     stack, star = denoise_particles(args.ckpt, args.star, args.out, args.set_size, args.context, args.batch_sets,
                                     args.datadir, args.pixel_size, parse_assume(args.assume), args.device,
                                     args.overwrite, args.seed, model=args.model, model_scale=args.model_scale,
-                                    sure_blend=args.sure_blend)
+                                    sure_blend=args.sure_blend, strict=args.strict)
     print(f"Wrote {stack} and {star}")

@@ -24,6 +24,7 @@ import math
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,12 +36,13 @@ from tqdm import tqdm
 
 from cryo_lightning.abinitio.evaluation import MomentConsistency, cross_validation_frc, half_sets, moment_consistency
 from cryo_lightning.abinitio.moments import MomentEstimator, MomentLayout, group_by_defocus
-from cryo_lightning.data.particles import ParticleSource, metadata_batch
+from cryo_lightning.data.particles import ParticleSource, metadata_batch, nonfinite_rows, without_nonfinite
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor, background_stats
 from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.json_text import json_safe, json_text
 from cryo_lightning.io.mrc import read_map, require_cubic
+from cryo_lightning.io.output_set import output_set
 from cryo_lightning.io.stack_reader import read_stack_info
 from cryo_lightning.physics.fourier import fourier_shell_correlation, resolution_at
 from cryo_lightning.physics.noise import estimate_noise_variance
@@ -123,22 +125,29 @@ def half_map_fsc(half1: str, half2: str, mask: str | None = None, pixel_size: fl
         volumes = [v * weights for v in volumes]
     L = volumes[0].shape[-1]
     fsc = fourier_shell_correlation(volumes[0], volumes[1], 3)
-    return {"maps": [str(half1), str(half2)], "mask": mask, "box": L, "pixel_size_A": pixel,
-            "resolution_A": {str(t): resolution_at(fsc, t, L, pixel) for t in THRESHOLDS},
-            "frequency_per_A": _frequencies(L, pixel), "fsc": fsc.tolist()}
+    result = {"maps": [str(half1), str(half2)], "mask": mask, "box": L, "pixel_size_A": pixel,
+              "resolution_A": {str(t): resolution_at(fsc, t, L, pixel) for t in THRESHOLDS},
+              "frequency_per_A": _frequencies(L, pixel), "fsc": fsc.tolist()}
+    if torch.equal(maps[0].data, maps[1].data):
+        result["warning"] = (f"{half1} and {half2} are identical: their FSC is 1 at every frequency and the "
+                             "'resolution' is the Nyquist limit, which says nothing about the map; give half maps "
+                             "reconstructed independently from the two half sets of particles")
+    return result
 
 
 # -- particles ---------------------------------------------------------------------------------
 
 
 def _open_denoised(path: str, raw: ParticleSource, scratch: Path, datadir: str | None,
-                   assume: dict[str, float] | None) -> ParticleSource:
-    """The denoised particles; a plain stack gets the raw particles' field of view as pixel size."""
+                   assume: dict[str, float] | None, strict: bool) -> tuple[ParticleSource, ParticleSource]:
+    """The raw and denoised particles, row for row; a plain stack gets the raw particles' field of
+    view as pixel size. Particles whose denoised image holds NaN or Inf are left out of both, with
+    a warning (refused with ``strict``)."""
     pixel = None
     if Path(path).suffix.lower() in (".mrcs", ".mrc"):
         info = read_stack_info(Path(path))
         pixel = float(raw.table.particles["pixel_size_A"].median()) * raw.box / info.nx
-    source = open_particle_input(path, scratch, datadir, pixel, assume)
+    source = open_particle_input(path, scratch, datadir, pixel, assume, check_finite=False)
     if len(source) != len(raw):
         raise InputError(f"{path}: {len(source)} denoised particles but {len(raw)} raw ones in "
                          f"{raw.table.source}; --denoised must hold the same particles in the same order "
@@ -155,7 +164,12 @@ def _open_denoised(path: str, raw: ParticleSource, scratch: Path, datadir: str |
         if len(bad):
             raise InputError(f"{path}: row {bad[0] + 1} has defocus {b[bad[0]]:.1f} A but the raw particle "
                              f"{a[bad[0]]:.1f} A; --denoised must list the same particles in the same order")
-    return source
+    bad = nonfinite_rows(source)
+    if not len(bad):
+        return raw, source
+    kept = without_nonfinite(source, strict, name=path, bad=bad)
+    print(f"cryol evaluate: warning: {kept.warnings[-1]}", file=sys.stderr)
+    return raw.subset(np.setdiff1d(np.arange(len(raw)), bad)), kept
 
 
 def _background_stats(images: torch.Tensor, radius_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,12 +291,12 @@ def evaluate(
     box: int | None = None, max_images: int | None = 10000, k_max: int = 8, bandlimit: float = 0.5,
     ctf_groups: int = 4, frc: bool = True, lam: float = 1e-2, iterations: int = 30, datadir: str | None = None,
     pixel_size: float | None = None, assume: dict[str, float] | None = None, device: str = "auto",
-    overwrite: bool = False, seed: int = 0, denoiser: str | None = None,
+    overwrite: bool = False, seed: int = 0, denoiser: str | None = None, strict: bool = False,
 ) -> dict:
     """Run ``cryol evaluate`` (module docstring); returns the metrics also written to ``metrics.json``.
 
     ``denoiser``: a shipped model name or checkpoint that denoises ``particles`` first, in place of
-    ``denoised``."""
+    ``denoised``. ``strict``: refuse particles with NaN/Inf images instead of leaving them out."""
     if denoised and denoiser:
         raise InputError("--denoised and --denoiser both given: evaluate a denoised stack, or denoise with a model")
     if not half_maps and not (particles or denoised or denoiser):
@@ -305,7 +319,7 @@ def evaluate(
     paths = {"json": folder / "metrics.json"}
     metrics: dict = {}
     seconds: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as publish:
         inputs = [Path(p) for p in (*(half_maps or []), mask) if p]
         raw = den = None
         if particles:
@@ -315,9 +329,9 @@ def evaluate(
                 is_file = Path(denoiser).is_file()
                 denoised = str(denoise_particles(denoiser if is_file else None, particles, str(Path(tmp) / "denoised"),
                                                  datadir=datadir, pixel_size=pixel_size, assume=assume, device=device,
-                                                 seed=seed, model=None if is_file else denoiser)[1])
-            raw = open_particle_input(particles, Path(tmp), datadir, pixel_size, assume)
-            den = _open_denoised(denoised, raw, Path(tmp), datadir, assume)
+                                                 seed=seed, model=None if is_file else denoiser, strict=strict)[1])
+            raw = open_particle_input(particles, Path(tmp), datadir, pixel_size, assume, strict)
+            raw, den = _open_denoised(denoised, raw, Path(tmp), datadir, assume, strict)
             # the denoised file's metadata only identifies its images (CTF and poses come from the
             # raw file), so its warnings (e.g. no CTF in a plain stack) do not concern the user
             for message in raw.warnings:
@@ -351,13 +365,16 @@ def evaluate(
         if half_maps:
             paths.update({"fsc_png": folder / "fsc.png", "fsc_csv": folder / "fsc.csv"})
         prepare_outputs(list(paths.values()), inputs, overwrite)
+        staged = publish.enter_context(output_set(paths, overwrite))  # published together at the end
 
         if half_maps:
             t = time.perf_counter()
             metrics["half_maps"] = fsc = half_map_fsc(half_maps[0], half_maps[1], mask, pixel_size)
-            fsc_plot(paths["fsc_png"], {"half maps" + (" (masked)" if mask else ""): fsc["fsc"]}, fsc["box"],
+            if "warning" in fsc:
+                print(f"cryol evaluate: warning: {fsc['warning']}", file=sys.stderr)
+            fsc_plot(staged["fsc_png"], {"half maps" + (" (masked)" if mask else ""): fsc["fsc"]}, fsc["box"],
                      fsc["pixel_size_A"])
-            _write_csv(paths["fsc_csv"], _curve_table(fsc["box"], fsc["pixel_size_A"], {"fsc": fsc["fsc"]}))
+            _write_csv(staged["fsc_csv"], _curve_table(fsc["box"], fsc["pixel_size_A"], {"fsc": fsc["fsc"]}))
             seconds["half_maps"] = time.perf_counter() - t
 
         if particles:
@@ -382,8 +399,8 @@ def evaluate(
                 n_groups = int(groups.max()) + 1
             mc = _moments(data, groups, n_groups, k_max, bandlimit, dev)
             metrics["moments"] = {"k_max": k_max, "bandlimit": bandlimit, "ctf_groups": n_groups, **asdict(mc)}
-            _moments_plot(paths["moments_png"], mc)
-            _write_csv(paths["moments_csv"], _moments_table(mc))
+            _moments_plot(staged["moments_png"], mc)
+            _write_csv(staged["moments_csv"], _moments_table(mc))
             seconds["moments"] = time.perf_counter() - t
 
             if frc_skip is None:
@@ -402,18 +419,18 @@ def evaluate(
                     "mean_raw": float(cv.frc["raw"][1:].mean()), "mean_denoised": float(cv.frc["denoised"][1:].mean()),
                     "cg_residual": [r[-1] if r else None for r in cv.residuals],
                 }
-                fsc_plot(paths["frc_png"], {"raw images": curves["raw"], "denoised images": curves["denoised"]},
+                fsc_plot(staged["frc_png"], {"raw images": curves["raw"], "denoised images": curves["denoised"]},
                          L, pixel, ylabel="cross-validation FRC")
-                _write_csv(paths["frc_csv"], _curve_table(L, pixel, {
+                _write_csv(staged["frc_csv"], _curve_table(L, pixel, {
                     "frc_raw": curves["raw"], "frc_raw_stderr": metrics["frc"]["raw_stderr"],
                     "frc_denoised": curves["denoised"], "frc_denoised_stderr": metrics["frc"]["denoised_stderr"]}))
                 seconds["frc"] = time.perf_counter() - t
             else:
                 metrics["frc"] = {"skipped": frc_skip}
-    metrics["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-    metrics["outputs"] = {k: str(v) for k, v in paths.items()}
-    metrics = json_safe(metrics)
-    _write_text(paths["json"], json_text(metrics))
+        metrics["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+        metrics["outputs"] = {k: str(v) for k, v in paths.items()}
+        metrics = json_safe(metrics)
+        _write_text(staged["json"], json_text(metrics))
     return metrics
 
 
@@ -425,6 +442,8 @@ def summary(metrics: dict) -> str:
         res = {t: (f"{r:.1f} A" if r is not None else "none (no correlation)") for t, r in h["resolution_A"].items()}
         lines += [f"Half-map FSC{' (masked)' if h['mask'] else ''}: resolution {res['0.143']} at FSC 0.143, "
                   f"{res['0.5']} at FSC 0.5 (box {h['box']}, {h['pixel_size_A']:.3f} A/px)"]
+        if "warning" in h:
+            lines += [f"  (not a resolution: {h['warning']})"]
     if "moments" in metrics:
         m, p = metrics["moments"], metrics["particles"]
         lines += ["", f"Moment consistency: denoised vs noise-debiased raw ({p['n_images']} images, box {p['box']}, "
@@ -495,5 +514,5 @@ def main(argv: list[str] | None = None) -> None:
     metrics = evaluate(args.out, args.half_maps, args.mask, args.particles, args.denoised, args.denoised_units,
                        args.noise_variance, args.box, args.max_images, args.k_max, args.bandlimit, args.ctf_groups,
                        args.frc, args.lam, args.iterations, args.datadir, args.pixel_size, parse_assume(args.assume),
-                       args.device, args.overwrite, args.seed, args.denoiser)
+                       args.device, args.overwrite, args.seed, args.denoiser, args.strict)
     print(summary(metrics))

@@ -24,6 +24,7 @@ from cryo_lightning.data.particles import estimate_noise_psd, metadata_batch, op
 from cryo_lightning.data.preprocess import CTF_MODES, PreprocessConfig, Preprocessor
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter
+from cryo_lightning.io.output_set import output_set
 from cryo_lightning.io.particle_writer import write_star_for_stack
 from cryo_lightning.tools.common import add_flag, parse_assume, pick_device, prepare_outputs, tool_parser
 
@@ -42,9 +43,12 @@ def preprocess(
     float16: bool = False,
     device: str = "auto",
     overwrite: bool = False,
+    strict: bool = False,
 ) -> tuple[Path, Path]:
-    """Preprocess every particle of ``star`` (STAR or .cs) into a new stack + STAR in ``out``."""
-    source = open_particles(star, datadir, pixel_size, assume)
+    """Preprocess every particle of ``star`` (STAR or .cs) into a new stack + STAR in ``out``.
+
+    Images holding NaN or Inf are left out (with a warning) or, with ``strict``, refused."""
+    source = open_particles(star, datadir, pixel_size, assume, strict)
     for message in source.warnings:
         print(f"cryol preprocess: warning: {message}", file=sys.stderr)
     stem = stem or Path(star).stem
@@ -58,17 +62,18 @@ def preprocess(
         processor.noise_psd = estimate_noise_psd(source, processor)
     n, L_out = len(source), processor.out_box
     pixel_out = np.empty(n)
-    with StackWriter(stack_path, n, L_out, float(source.table.particles["pixel_size_A"].median() * source.box / L_out),
-                     dtype=torch.float16 if float16 else torch.float32, overwrite=overwrite) as writer:
-        for start in tqdm(range(0, n, batch_size), desc="preprocessing", unit="batch", disable=None):
-            rows = np.arange(start, min(start + batch_size, n))
-            meta = metadata_batch(source, rows)
-            result = processor(torch.from_numpy(source.read(rows)).to(dev), meta["pixel_size_A"].to(dev),
-                               meta["data_sign"].to(dev), meta["ctf_params"], source.ctf_mode(config))
-            writer.write(result["images"].cpu())
-            pixel_out[rows] = result["pixel_size"].cpu().numpy()
-    write_star_for_stack(source.table, star_path, stack_path, L_out, pixel_out, overwrite=overwrite,
-                         ctf_mode=processor.ctf_mode(source.ctf_mode(config)))
+    with output_set({"stack": stack_path, "star": star_path}, overwrite) as staged:
+        with StackWriter(staged["stack"], n, L_out, float(source.table.particles["pixel_size_A"].median() * source.box / L_out),
+                         dtype=torch.float16 if float16 else torch.float32) as writer:
+            for start in tqdm(range(0, n, batch_size), desc="preprocessing", unit="batch", disable=None):
+                rows = np.arange(start, min(start + batch_size, n))
+                meta = metadata_batch(source, rows)
+                result = processor(torch.from_numpy(source.read(rows)).to(dev), meta["pixel_size_A"].to(dev),
+                                   meta["data_sign"].to(dev), meta["ctf_params"], source.ctf_mode(config))
+                writer.write(result["images"].cpu())
+                pixel_out[rows] = result["pixel_size"].cpu().numpy()
+        write_star_for_stack(source.table, staged["star"], staged["stack"], L_out, pixel_out,
+                             ctf_mode=processor.ctf_mode(source.ctf_mode(config)))
     return stack_path, star_path
 
 
@@ -95,5 +100,6 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise InputError(f"--{str(err).split(' ')[0].replace('_', '-')}: {err}") from None
     stack, star = preprocess(args.star, args.out, config, args.datadir, args.pixel_size, parse_assume(args.assume),
-                             args.stem, args.batch_size, args.float16, args.device, args.overwrite)
+                             args.stem, args.batch_size, args.float16, args.device, args.overwrite,
+                             args.strict)
     print(f"Wrote {stack} and {star}")

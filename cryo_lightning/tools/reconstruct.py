@@ -35,6 +35,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.json_text import json_text
 from cryo_lightning.io.mrc import read_map, require_cubic, write_map, write_stack
+from cryo_lightning.io.output_set import output_set
 from cryo_lightning.io.particle_writer import star_blocks_for_stack
 from cryo_lightning.io.star import write_particles_star
 from cryo_lightning.physics.ctf import phase_flip
@@ -67,6 +69,10 @@ from cryo_lightning.tools.common import add_flag, open_particle_input, parse_ass
 __all__ = ["ReconstructionReport", "MomentOptions", "LearnedFit", "reconstruct_particles", "main"]
 
 METHODS = ("common-lines", "moments", "learned")
+DEFAULT_BOX = 64  # working box when --box is not given (or the particles' box if smaller)
+# fewest particles each method can use: two half maps, each from a set that the method can solve
+# (synchronisation needs three views; the moments' covariance needs two images per half)
+MIN_IMAGES = {"common-lines": 6, "moments": 4, "learned": 4}
 
 
 @dataclass
@@ -122,7 +128,7 @@ def _denoise(spec: str, images: torch.Tensor, source: ParticleSource, rows: np.n
     from cryo_lightning.tasks.pretrained import default_set_size, load_denoiser, range_warnings, scale_plan
     from cryo_lightning.tools.denoise import context_sets
 
-    task, card = load_denoiser(spec, images.device)
+    task, card = load_denoiser(spec, images.device, option="--denoiser")
     plan = scale_plan(task, card, images.shape[-1], pixel)
     snr = estimate_snr(plan.model_input(images[:256])[0]) if card.snr_range is not None else None
     for message in range_warnings(card, plan, snr):
@@ -152,14 +158,17 @@ def _true_rotations(source: ParticleSource, rows: np.ndarray, star: Path) -> tor
 
 
 def reconstruct_particles(
-    star: str, out: str, method: str = "common-lines", box: int | None = 64, max_images: int | None = 2000,
+    star: str, out: str, method: str = "common-lines", box: int | None = None, max_images: int | None = 2000,
     class_average: bool = False, n_classes: int | None = None, n_neighbors: int = 10, denoiser: str | None = None,
     set_size: int | None = None, reference: str | None = None, n_angles: int = 360, max_radius: float = 0.4,
     lam: float = 1e-2, iterations: int = 30, datadir: str | None = None, pixel_size: float | None = None,
     assume: dict[str, float] | None = None, device: str = "auto", overwrite: bool = False, seed: int = 0,
-    moments: MomentOptions | None = None,
+    moments: MomentOptions | None = None, strict: bool = False,
 ) -> ReconstructionReport:
-    """Run the whole ``cryol reconstruct`` pipeline (see the module docstring); returns the report."""
+    """Run the whole ``cryol reconstruct`` pipeline (see the module docstring); returns the report.
+
+    The outputs are published together when everything has been written (nothing on failure);
+    ``strict`` refuses particles with NaN/Inf images instead of leaving them out."""
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
     if method in ("moments", "learned") and class_average:
@@ -180,15 +189,24 @@ def reconstruct_particles(
         del paths["star"]
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        source = open_particle_input(star, Path(tmp), datadir, pixel_size, assume)
+    finals = paths
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as publish:
+        source = open_particle_input(star, Path(tmp), datadir, pixel_size, assume, strict)
         prepare_outputs(list(paths.values()), [Path(star), *(i.path for i in source.reader.infos)], overwrite)
+        paths = publish.enter_context(output_set(finals, overwrite))  # written here, published on success
         for message in source.warnings:
             print(f"cryol reconstruct: warning: {message}", file=sys.stderr)
         n = len(source)
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, max_images, replace=False)) if max_images and max_images < n else np.arange(n)
-        L = min(box or source.box, source.box)
+        if box is not None and box > source.box:
+            raise InputError(f"--box {box} is larger than the particles' box ({source.box}): reconstruct works at "
+                             f"their box or below (Fourier downsampling); give at most {source.box}, or leave "
+                             f"--box out ({DEFAULT_BOX} or the particles' box if smaller)")
+        L = box or min(DEFAULT_BOX, source.box)
+        if len(rows) < MIN_IMAGES[method]:
+            raise InputError(f"{star}: {len(rows)} usable particle image(s); --method {method} needs at least "
+                             f"{MIN_IMAGES[method]} (two half sets{' of common-line triplets' if method == 'common-lines' else ''})")
         processor = Preprocessor(PreprocessConfig(downsample=L if L != source.box else None), source.box)
         images, ctf, pixel = _load(source, rows, processor, dev)
         has_ctf = source.ctf_mode(processor.config) != "none"
@@ -203,6 +221,7 @@ def reconstruct_particles(
             report = _reconstruct_moments(images, ctf if has_ctf else None, source, rows, pixel, paths, reference,
                                           moments or MomentOptions(), seed, overwrite, learned=method == "learned")
             report.seconds = {**{k: round(v, 2) for k, v in timings.items()}, **report.seconds}
+            report.map = str(finals["map"])
             with atomic_path(paths["json"], overwrite=True) as tmp_json:
                 Path(tmp_json).write_text(json_text(report.__dict__))
             return report
@@ -223,7 +242,7 @@ def reconstruct_particles(
         rotations = sync.rotations.float()
         timings["orientations"] = time.perf_counter() - t
 
-        report = ReconstructionReport(str(paths["map"]), str(paths["star"]), len(images), L, pixel)
+        report = ReconstructionReport(str(finals["map"]), str(finals["star"]), len(images), L, pixel)
         used_rows = rows[centres.cpu().numpy()]
         if reference:
             reg = register_rotations(rotations.double().cpu(), _true_rotations(source, used_rows, Path(star)))
@@ -304,10 +323,14 @@ class LearnedFit:
                  hops: int = 30, newton: int = 20) -> None:
         from cryo_lightning.tasks.reconstruct import ReconstructTask
 
+        from cryo_lightning.tasks.checkpoints import read_checkpoint, task_name
+
         path = Path(checkpoint)
-        if not path.is_file():
-            raise InputError(f"--checkpoint {checkpoint}: no such file")
-        settings = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters")
+        stored = read_checkpoint(path, "--checkpoint", mmap=False)
+        if task_name(stored) not in ("", "ReconstructTask"):
+            raise InputError(f"--checkpoint {checkpoint} is a {task_name(stored)} checkpoint, not a learned "
+                             "reconstructor; train one with `cryol fit --config configs/reconstructor_cpu.yaml`")
+        settings = stored.get("datamodule_hyper_parameters")
         if not settings or "l_max" not in settings:
             raise InputError(f"--checkpoint {checkpoint}: not a learned-reconstructor checkpoint (no MomentDataModule "
                              "settings); train one with `cryol fit --config configs/reconstructor_cpu.yaml`")
@@ -369,6 +392,13 @@ def _defocus_groups(source: ParticleSource, rows: np.ndarray, ctf: torch.Tensor,
     return groups, reps
 
 
+def _present_groups(groups: torch.Tensor, reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group labels renumbered over the groups a half set actually holds, and their representatives
+    (with few particles, a random half can miss a defocus group)."""
+    present, labels = torch.unique(groups, return_inverse=True)
+    return labels, reps[present]
+
+
 def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source: ParticleSource, rows: np.ndarray,
                          pixel: float, paths: dict[str, Path], reference: str | None, opts: MomentOptions,
                          seed: int, overwrite: bool, learned: bool = False) -> ReconstructionReport:
@@ -390,12 +420,12 @@ def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source:
     for k, sel in enumerate([torch.ones(len(x), dtype=torch.bool), subsets == 0, subsets == 1]):
         print(f"cryol reconstruct: moment fit {['full set', 'half 1', 'half 2'][k]} ({int(sel.sum())} images)",
               file=sys.stderr)
-        sub_groups = None if groups is None else groups[sel]
+        sub_groups, sub_reps = (None, None) if groups is None else _present_groups(groups[sel], reps)
         if net is not None:
-            fits.append(net(x[sel], sigma2[sel], reps, sub_groups, torch.Generator().manual_seed(seed + k)))
+            fits.append(net(x[sel], sigma2[sel], sub_reps, sub_groups, torch.Generator().manual_seed(seed + k)))
             continue
         fits.append(moments_reconstruct(
-            x[sel], sigma2[sel], ctfs=reps, groups=sub_groups, l_max=opts.l_max, bandlimit=opts.bandlimit,
+            x[sel], sigma2[sel], ctfs=sub_reps, groups=sub_groups, l_max=opts.l_max, bandlimit=opts.bandlimit,
             view_degree=opts.view_degree, n_starts=opts.starts, iterations=opts.iterations, hops=opts.hops,
             newton=opts.newton, generator=torch.Generator().manual_seed(seed + k)))
     basis = SphericalFourierBesselBasis(L, l_max=l_max, bandlimit=bandlimit)
@@ -451,7 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--star", required=True, help="particles: RELION .star, cryoSPARC .cs or a plain .mrcs stack")
     p.add_argument("--out", required=True, help="output map (.mrc); the STAR, half maps and FSC plot go beside it")
     p.add_argument("--method", type=str, default="common-lines", help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("--box", type=PositiveInt | None, default=64, help="work at this box size (Fourier downsampling)")
+    p.add_argument("--box", type=PositiveInt | None, default=None,
+                   help="work at this box size, at most the particles' (default: 64, or theirs if smaller)")
     p.add_argument("--max-images", type=PositiveInt | None, default=2000, help="random subset of this many particles")
     add_flag(p, "--class-average", False, "replace the particles by CTF-corrected class averages first")
     p.add_argument("--n-classes", type=PositiveInt | None, default=None, help="class averages to use (default: one per image)")
@@ -491,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         args.iterations, args.datadir, args.pixel_size, parse_assume(args.assume), args.device, args.overwrite,
         args.seed, MomentOptions(args.l_max, args.bandlimit, args.view_degree, args.ctf_groups, args.starts,
                                  tuple(args.fit_iterations), args.hops, args.checkpoint, args.polish,
-                                 args.prior_strength, args.newton))
+                                 args.prior_strength, args.newton), args.strict)
     print(f"Wrote {report.map} ({report.n_images} images, box {report.box}, {report.pixel_size:.3f} A/px), "
           f"{report.star or 'the half maps'} and the FSC plot")
     if report.moment_loss is not None:

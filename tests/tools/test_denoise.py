@@ -326,9 +326,10 @@ def test_counts_are_checked_when_parsed(tmp_path, capsys, command, option, value
     assert not (tmp_path / "out").exists()
 
 
-def test_a_nan_image_stops_denoise_before_anything_is_published(shipped, tmp_path, capsys):
-    """A non-finite input image used to come out as a NaN image with exit 0; now the output is
-    checked before it is published: one line naming the file and the image, exit 2, no output."""
+def test_a_nan_image_is_left_out_of_denoise_or_refused_with_strict(shipped, tmp_path, capsys):
+    """A non-finite input image used to spoil its whole set with exit 0. Now it is found when the
+    stack is read: left out (warning naming the stack, not a temporary STAR, and the row), the
+    others denoised as finite images; --strict refuses the file and publishes nothing."""
     images = read_stack(_stack(tmp_path, 64, 5.0)).clone()
     images[2, 10, 10] = float("nan")
     stack = tmp_path / "nan.mrcs"
@@ -336,11 +337,18 @@ def test_a_nan_image_stops_denoise_before_anything_is_published(shipped, tmp_pat
         m.set_data(images.numpy())
         m.set_image_stack()
         m.voxel_size = 5.0
+    before = _digest([stack])
     with pytest.raises(SystemExit) as err:
-        main(["denoise", "--star", str(stack), "--out", str(tmp_path / "out")])
+        main(["denoise", "--star", str(stack), "--out", str(tmp_path / "strict"), "--strict"])
     assert err.value.code == 2
     text = capsys.readouterr().err
-    # (the NaN sits in the background ring, so it also spoils the set's statistics: every image of
-    # its set comes out non-finite; excluding such images when read is the next step of issue 22)
-    assert "out/nan.mrcs" in text and "NaN/Inf value(s) in image" in text and "Traceback" not in text
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert f"{stack}: 1 of 6 particle images hold NaN or Inf" in text and "data rows 3" in text
+    assert "Traceback" not in text and not (tmp_path / "strict").exists()
+
+    main(["denoise", "--star", str(stack), "--out", str(tmp_path / "out")])
+    text = capsys.readouterr().err
+    assert f"{stack}: 1 of 6 particle images hold NaN or Inf pixels (data rows 3)" in text and ".star" not in text
+    out = read_stack(tmp_path / "out" / "nan.mrcs")
+    assert out.shape[0] == 5 and torch.isfinite(out).all()
+    names = starfile.read(tmp_path / "out" / "nan.star")["particles"]["rlnImageName"]
+    assert len(names) == 5 and _digest([stack]) == before
