@@ -5,8 +5,9 @@
    and converts each slice to a torch tensor; the datamodule streams the same particles through
    ``ParticleDataModule`` (file order and shuffled sets of 16), including the transfer hook that
    converts to float32 (no other preprocessing); a last row adds the per-image CTF, which the
-   hook computes on the device (the CPU here). Baseline and datamodule runs alternate; medians
-   are reported. The file is in the page cache after the first pass, so this measures the
+   hook computes on the device (the CPU here). A further row times the NaN/Inf check that every
+   opening of a particle file runs over the images (``nonfinite_rows``). Baseline and other runs
+   alternate; medians are reported. The file is in the page cache after the first pass, so this measures the
    software overhead, not the disk.
 2. A RELION 3.1 STAR with ``--rows`` particles (default 500,000) is generated and read with
    ``read_particles`` (starfile parse + validation into the canonical table).
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cryo_lightning.data.particles import ParticleDataModule
+from cryo_lightning.data.particles import ParticleDataModule, nonfinite_rows
 from cryo_lightning.data.preprocess import PreprocessConfig
 from cryo_lightning.io.particle_table import read_particles
 from cryo_lightning.io.star import image_names, optics_block, write_particles_star
@@ -64,6 +65,12 @@ def through_datamodule(dm: ParticleDataModule, loader_name: str) -> int:
         out = dm.on_after_batch_transfer(batch, 0)
         count += out["noisy"].shape[0] * out["noisy"].shape[1]
     return count
+
+
+def finite_scan(dm: ParticleDataModule) -> int:
+    """The check ``open_particles`` runs on every floating-point stack; returns the images read."""
+    assert len(nonfinite_rows(dm.source)) == 0
+    return len(dm.source)
 
 
 def timed(fn, *args) -> tuple[float, int]:
@@ -127,12 +134,14 @@ def main() -> None:
             "datamodule, shuffled sets of 16": (datamodule(16, "fit", False), "train_dataloader"),
             "datamodule, shuffled sets of 16, with CTF": (datamodule(16, "fit", True), "train_dataloader"),
         }
-        runs = {"mrcfile.mmap loop": [], **{name: [] for name in streams}}
+        scan_name = "NaN/Inf check on opening (nonfinite_rows)"
+        runs = {"mrcfile.mmap loop": [], **{name: [] for name in streams}, scan_name: []}
         baseline(stack, args.batch)  # warm the page cache
         for _ in range(args.repeats):
             runs["mrcfile.mmap loop"].append(timed(baseline, stack, args.batch))
             for name, (dm, loader) in streams.items():
                 runs[name].append(timed(through_datamodule, dm, loader))
+            runs[scan_name].append(timed(finite_scan, streams["datamodule, file order"][0]))
     print(f"Streaming {args.images} images of {args.box}^2 float32 ({mb:.0f} MiB), batches of {args.batch}, "
           f"median of {args.repeats}, 1 thread:\n")
     print("| reader | particles/s | MB/s | vs mrcfile.mmap (median of paired ratios) |")

@@ -321,6 +321,8 @@ class ParticleDataModule(pl.LightningDataModule):
         noise_psd_images: particles used to estimate the noise spectrum for whitening.
         return_ctf: add the per-image CTF ``(B, N, L, L)`` to batches (models that use the CTF
             need it; computing it costs more than reading the images on a CPU).
+        strict: refuse a file with NaN/Inf images; by default they are left out of training and
+            validation, with a warning naming their rows.
     """
 
     def __init__(
@@ -338,13 +340,14 @@ class ParticleDataModule(pl.LightningDataModule):
         seed: int = 0,
         noise_psd_images: int = 1000,
         return_ctf: bool = True,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         self.path, self.datadir, self.pixel_size_override, self.assume = path, datadir, pixel_size, assume
         self.set_size, self.batch_size, self.val_fraction = set_size, batch_size, val_fraction
         self.preprocess = preprocess if preprocess is not None else PreprocessConfig()
         self.cache_dir, self.num_workers, self.seed = cache_dir, num_workers, seed
-        self.noise_psd_images, self.return_ctf = noise_psd_images, return_ctf
+        self.noise_psd_images, self.return_ctf, self.strict = noise_psd_images, return_ctf, strict
         self.source: ParticleSource | None = None
         self.preprocessor: Preprocessor | None = None
 
@@ -352,7 +355,7 @@ class ParticleDataModule(pl.LightningDataModule):
 
     def _open(self) -> ParticleSource:
         if self.source is None:
-            source = open_particles(self.path, self.datadir, self.pixel_size_override, self.assume)
+            source = open_particles(self.path, self.datadir, self.pixel_size_override, self.assume, self.strict)
             for message in source.warnings:
                 print(f"cryol: warning: {message}")
             if self.cache_dir:
@@ -387,7 +390,8 @@ class ParticleDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         # Runs once per node (local rank 0): the float16 cache goes to node-local disk.
         if self.cache_dir:
-            self._ensure_cache(open_particles(self.path, self.datadir, self.pixel_size_override, self.assume))
+            self._ensure_cache(open_particles(self.path, self.datadir, self.pixel_size_override, self.assume,
+                                              self.strict))
 
     # -- splits -------------------------------------------------------------------------------
 

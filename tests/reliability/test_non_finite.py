@@ -108,3 +108,18 @@ def test_float16_output_out_of_range_is_refused_not_written_as_inf(cryol, datase
                       "--no-normalize", "--float16")
     assert code == 2 and "float16" in err and "Traceback" not in err
     assert not (tmp_path / "prep").exists() and not leftovers(tmp_path) and snapshot(folder) == before
+
+
+def test_training_data_leave_non_finite_images_out_or_refuse_them(spoiled):
+    from cryo_lightning.data.particles import ParticleDataModule
+    from cryo_lightning.io.errors import InputError
+
+    dm = ParticleDataModule(str(spoiled / "particles.star"), set_size=4, batch_size=2, val_fraction=0.0,
+                            num_workers=0, return_ctf=False)
+    dm.setup("fit")
+    assert len(dm.source) == 34
+    assert not np.isin(dm.source.table.particles["particle_id"], [3, 8]).any()
+    for batch in dm.train_dataloader():
+        assert torch.isfinite(batch["images"]).all()
+    with pytest.raises(InputError, match="data rows 4, 9"):
+        ParticleDataModule(str(spoiled / "particles.star"), set_size=4, num_workers=0, strict=True).setup("fit")
