@@ -7,6 +7,7 @@ explicitly allows it, because the project never overwrites inputs by accident.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -48,12 +49,15 @@ def atomic_path(final_path: str | os.PathLike, overwrite: bool = False) -> Itera
     Raises:
         FileExistsError: ``final_path`` exists and ``overwrite`` is False.
         FileNotFoundError: the output folder does not exist.
+        PermissionError: the output folder is not writable.
     """
     final = Path(final_path)
     check_overwrite(final, overwrite)
     folder = final.parent
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write {final}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):  # named here, not hidden behind the writer's failure
+        raise PermissionError(errno.EACCES, "permission denied: cannot write in this folder", str(folder))
     # A hidden, random name in the same folder: same file system (so the rename is atomic)
     # and no clash with concurrent writers of the same target.
     tmp = folder / f".{final.name}.{secrets.token_hex(6)}.tmp"
