@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from cryo_lightning.physics.point_groups import point_group
-from cryo_lightning.physics.volumes import gaussian_density, random_molecule, resolution_to_sigma
+from cryo_lightning.physics.volumes import _default_bead_sigma, gaussian_density, random_molecule, resolution_to_sigma
 
 __all__ = ["STRUCTURE_FAMILIES", "Envelope", "random_structure"]
 
@@ -336,8 +336,10 @@ def random_structure(
     info = {"family": family, "diameter_A": round(float(fraction * L * pixel_size), 1)}
     if family == "chain":
         g = torch.Generator().manual_seed(seed)
-        # random_molecule's bead centres lie within radius_fraction * L; beads add ~1.5 sigma.
-        vol = random_molecule(L, g, radius_fraction=max(0.5 * fraction, 0.12), dtype=dtype)
+        # random_molecule's bead centres lie within radius_fraction * L; beads add ~1.5 sigma. It
+        # needs room for a few bead steps (radius > 4.5 sigma): small boxes get at least that.
+        smallest = 4.6 * _default_bead_sigma(L) / L
+        vol = random_molecule(L, g, radius_fraction=max(0.5 * fraction, 0.12, smallest), dtype=dtype)
         return vol, info
     R = 0.5 * fraction * L * pixel_size
     # Envelope radius leaves room for the rendered blur so the molecule spans `fraction`.
