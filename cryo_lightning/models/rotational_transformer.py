@@ -23,6 +23,11 @@ Cartesian grid and restricted to a learned radial support. Inputs are in units o
 standard deviation, so the network sees the SNR; the CTF enters as the sign-corrected spectrum
 ``c x`` and the CTF power ``c^2``. Any set size works at inference, including one image.
 
+With ``guide="cwf"`` the covariance Wiener filter's estimate of each image (the best classical
+linear set method, itself rotation-equivariant) is a further input channel and is added to the
+output with a learned weight per ring: the network starts from the linear estimate and its
+attention has to earn whatever it adds.
+
 Equivariance holds by construction for rotations by multiples of ``360 / T`` degrees and, up to
 polar interpolation, for any angle; permutation equivariance over the set holds exactly.
 """
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cryo_lightning.denoise.cwf import cwf_denoise
 from cryo_lightning.physics.fourier import radial_grid
 from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.physics.polar import PolarSpectrum
@@ -174,20 +180,28 @@ class RotationalSetTransformer(nn.Module):
         layers: blocks (each: classes gather from images, images read from classes, MLPs).
         classes: latent class tokens (memory and time grow as ``N * classes``).
         hidden: MLP width per angular frequency.
+        guide: ``"cwf"`` adds the covariance Wiener filter's estimate of each image (a classical,
+            rotation-equivariant set method) as a further input and to the output with a learned
+            weight per ring, so training starts from the best linear estimate and learns what it
+            misses; ``"none"``: the network alone.
     """
 
     def __init__(self, L: int = 32, n_radii: int | None = None, n_angles: int | None = None, channels: int = 32,
-                 heads: int = 4, head_dim: int = 16, layers: int = 3, classes: int = 32, hidden: int = 64) -> None:
+                 heads: int = 4, head_dim: int = 16, layers: int = 3, classes: int = 32, hidden: int = 64,
+                 guide: str = "none") -> None:
         super().__init__()
+        if guide not in ("none", "cwf"):
+            raise ValueError(f"guide must be 'none' or 'cwf', got {guide!r}")
         n_radii = n_radii or L // 2 + 1
         n_angles = n_angles or 4 * math.ceil(L / 2)
         if n_angles % 4:
             raise ValueError(f"n_angles must be a multiple of 4 (quarter turns exact), got {n_angles}")
         if min(channels, heads, head_dim, layers, classes, hidden) < 1:
             raise ValueError("channels, heads, head_dim, layers, classes and hidden must all be >= 1")
-        self.L, self.R, self.T = L, n_radii, n_angles
+        self.L, self.R, self.T, self.guide = L, n_radii, n_angles, guide
         self.polar = PolarSpectrum(L, n_radii, n_angles)
-        self.embed = _FrequencyLinear(n_angles, 3 * n_radii, channels)
+        self.embed = _FrequencyLinear(n_angles, (4 if guide == "cwf" else 3) * n_radii, channels)
+        self.guide_weight = nn.Parameter(torch.zeros(n_radii)) if guide == "cwf" else None  # sigmoid: 0.5
         self.class_tokens = nn.Parameter(torch.randn(classes, n_angles, channels, 2) / math.sqrt(2))
         self.blocks = nn.ModuleList(_Block(n_angles, channels, heads, head_dim, hidden) for _ in range(layers))
         self.norm_out = _RMSNorm(n_angles, channels)
@@ -199,8 +213,11 @@ class RotationalSetTransformer(nn.Module):
         self.support_logits = nn.Parameter((0.45 * L - radii) / 1.5)  # soft disk, learned
         self.register_buffer("_radius", radial_grid(L, 2).clamp_max(L // 2 + 1), persistent=False)
 
-    def tokens(self, noisy: torch.Tensor, ctf: torch.Tensor | None, noise_variance: torch.Tensor | None):
-        """Steerable input tokens ``(B, N, T, D)``, polar CTFs ``(B, N, R, T)`` and noise std ``(B,)``."""
+    def tokens(self, noisy: torch.Tensor, ctf: torch.Tensor | None, noise_variance: torch.Tensor | None,
+               use_guide: bool = True):
+        """Steerable input tokens ``(B, N, T, D)``, polar CTFs ``(B, N, R, T)``, noise std ``(B,)``
+        and the guide's polar spectra ``(B, N, R, T)`` in noise units (None without a guide).
+        ``use_guide=False`` leaves the guide's input at zero (images taken one by one)."""
         if ctf is None:
             ctf = torch.ones_like(noisy)
         if noise_variance is None:
@@ -208,11 +225,20 @@ class RotationalSetTransformer(nn.Module):
         sigma = noise_variance.float().clamp_min(1e-12).sqrt()
         L = self.L
         # Polar spectra in units of the noise std of one Fourier coefficient (sigma * L).
-        spec = self.polar(noisy.float() / sigma[:, None, None, None]) / L * self._rings
+        scale = sigma[:, None, None, None]
+        spec = self.polar(noisy.float() / scale) / L * self._rings
         c = self.polar.sample_ctf(ctf.float()) * self._rings
-        polar_inputs = torch.cat([c * spec, spec, (c * c).to(spec.dtype)], dim=2)  # (B, N, 3R, T)
-        angular = torch.fft.fft(polar_inputs, dim=-1) / math.sqrt(self.T)  # frequency m of the angle
-        return self.embed(angular.transpose(-1, -2)), c, sigma
+        inputs = [c * spec, spec, (c * c).to(spec.dtype)]
+        guide = None
+        if self.guide == "cwf" and use_guide:
+            with torch.no_grad():
+                estimate = cwf_denoise(noisy.float(), ctf.float(), noise_variance.float())
+            guide = self.polar(estimate / scale) / L * self._rings
+            inputs.append(guide)
+        elif self.guide == "cwf":
+            inputs.append(torch.zeros_like(spec))
+        angular = torch.fft.fft(torch.cat(inputs, dim=2), dim=-1) / math.sqrt(self.T)  # frequency m of the angle
+        return self.embed(angular.transpose(-1, -2)), c, sigma, guide
 
     def forward(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
                 noise_variance: torch.Tensor | None = None, return_attention: bool = False):
@@ -229,7 +255,7 @@ class RotationalSetTransformer(nn.Module):
             ``(B, N, L, L)`` estimates of the clean, CTF-affected images (and the attentions).
         """
         B, N, L, _ = noisy.shape
-        x, c, sigma = self.tokens(noisy, ctf, noise_variance)
+        x, c, sigma, guide = self.tokens(noisy, ctf, noise_variance)
         classes = torch.view_as_complex(self.class_tokens)[None].expand(B, -1, -1, -1)
         attentions = []
         for block in self.blocks:
@@ -241,7 +267,10 @@ class RotationalSetTransformer(nn.Module):
         # Cartesian resampling would pick the angle-0 sample and break rotation equivariance.
         origin = polar[..., :1, :].mean(-1, keepdim=True).expand_as(polar[..., :1, :])
         polar = torch.cat([origin, polar[..., 1:, :]], dim=-2)
-        out = self.polar.inverse(c * polar) * L * self.support() * sigma[:, None, None, None]
+        estimate = c * polar
+        if guide is not None:
+            estimate = estimate + torch.sigmoid(self.guide_weight)[:, None] * guide
+        out = self.polar.inverse(estimate) * L * self.support() * sigma[:, None, None, None]
         return (out, attentions) if return_attention else out
 
     def support(self) -> torch.Tensor:
@@ -250,6 +279,30 @@ class RotationalSetTransformer(nn.Module):
         lo = self._radius.floor().long().clamp_max(len(profile) - 2)
         frac = self._radius - lo
         return profile[lo] * (1 - frac) + profile[lo + 1] * frac
+
+    @torch.no_grad()
+    def embedding(self, images: torch.Tensor, ctf: torch.Tensor | None = None,
+                  noise_variance: torch.Tensor | None = None) -> torch.Tensor:
+        """A learned, rotation-invariant embedding of single images, for grouping them into sets.
+
+        Each image's attention over the *initial* class tokens in the first layer (summed over
+        rotations: which learned views it resembles, at whatever angle), per head, square-rooted
+        and L2-normalised so that dot products compare distributions. It needs no set, so
+        embeddings of different batches are comparable.
+
+        Args:
+            images: ``(n, L, L)``; ctf: ``(n, L, L)`` or None; noise_variance: ``()`` or None
+                (estimated from the corners).
+        Returns:
+            ``(n, heads * classes)``.
+        """
+        variance = None if noise_variance is None else torch.as_tensor(noise_variance).reshape(1)
+        x = self.tokens(images[None], None if ctf is None else ctf[None], variance, use_guide=False)[0]
+        block = self.blocks[0]
+        classes = torch.view_as_complex(self.class_tokens)[None]
+        _, attn = block.read(block.norm_x2(x), block.norm_c3(classes), return_attention=True)
+        features = attn[0].sum(-1).permute(1, 0, 2).flatten(1).clamp_min(0).sqrt()  # (n, H * classes)
+        return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
     def neighbour_weights(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
@@ -262,7 +315,7 @@ class RotationalSetTransformer(nn.Module):
         ``i``'s update: ``(B, N, N)``, rows sum to 1.
         """
         B, N = noisy.shape[:2]
-        x, _, _ = self.tokens(noisy, ctf, noise_variance)
+        x = self.tokens(noisy, ctf, noise_variance)[0]
         classes = torch.view_as_complex(self.class_tokens)[None].expand(B, -1, -1, -1)
         for index, block in enumerate(self.blocks):
             if index == layer:

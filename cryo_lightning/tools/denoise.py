@@ -53,6 +53,16 @@ def rotation_invariant_embedding(images: torch.Tensor, n_radii: int = 12, n_angl
     return feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+@torch.no_grad()
+def _embedding(net: torch.nn.Module, prepared: dict) -> torch.Tensor:
+    """The model's own learned embedding when it has one (the rotational set transformer's class
+    memberships), else :func:`rotation_invariant_embedding`: ``(n, D)`` for grouping neighbours."""
+    if hasattr(net, "embedding"):
+        ctf = prepared.get("ctf")
+        return net.embedding(prepared["images"], None if ctf is None else ctf.expand_as(prepared["images"]))
+    return rotation_invariant_embedding(prepared["images"])
+
+
 def context_sets(n: int, set_size: int, mode: str, seed: int = 0,
                  embedding: torch.Tensor | None = None) -> list[np.ndarray]:
     """Partition particle rows ``0..n-1`` into sets of ``set_size`` (the last may be smaller).
@@ -153,7 +163,7 @@ def _run(task, card, source: ParticleSource, star: Path, out: Path, set_size: in
                 chunk = np.arange(start, min(start + chunk_particles, n))
                 embedding = None
                 if context == "neighbours":
-                    embedding = torch.cat([rotation_invariant_embedding(prepare(chunk[i:i + 1024])["images"])
+                    embedding = torch.cat([_embedding(task.net, prepare(chunk[i:i + 1024]))
                                            for i in range(0, len(chunk), 1024)])
                 sets = [chunk[s] for s in context_sets(len(chunk), set_size, context, seed + start, embedding)]
                 i, batch = 0, batch_sets

@@ -3,6 +3,7 @@ linear memory in N, and a short training run that lowers the validation error.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cryo_lightning.data.molecule_bank import MoleculeBank
@@ -29,9 +30,10 @@ def test_shapes_any_set_size_and_optional_inputs():
 
 
 @torch.no_grad()
-def test_permutation_equivariance_over_the_set():
+@pytest.mark.parametrize("guide", ["none", "cwf"])
+def test_permutation_equivariance_over_the_set(guide):
     torch.manual_seed(0)
-    model = RotationalSetTransformer(L=32, **SMALL)
+    model = RotationalSetTransformer(L=32, guide=guide, **SMALL)
     b = _batch(32, 9)
     perm = torch.randperm(9)
     out = model(b["noisy"], b["ctf"], b["noise_variance"])
@@ -40,13 +42,16 @@ def test_permutation_equivariance_over_the_set():
 
 
 @torch.no_grad()
-def test_in_plane_rotation_equivariance_of_all_images_and_of_one():
+@pytest.mark.parametrize("guide", ["none", "cwf"])
+def test_in_plane_rotation_equivariance_of_all_images_and_of_one(guide):
     """Quarter turns are exact shifts of the polar grid (odd L turns about the centre pixel), so
     the outputs rotate with the inputs to float precision; rotating one image of the set rotates
     its output only (the others see it at whatever angle it has)."""
     torch.manual_seed(0)
     L = 33
-    model = RotationalSetTransformer(L=L, **SMALL)
+    model = RotationalSetTransformer(L=L, guide=guide, **SMALL)
+    if guide == "cwf":  # the guide's weight starts at 0.5: make it matter more than at init
+        model.guide_weight.data.fill_(2.0)
     b = _batch(L, 6)
     rot = lambda x: torch.rot90(x, 1, dims=(-2, -1))  # noqa: E731
     out = model(b["noisy"], b["ctf"], b["noise_variance"])
@@ -91,3 +96,21 @@ def test_a_short_training_run_lowers_the_validation_error():
     after = val_error()
     print(f"validation relative MSE {before:.3f} -> {after:.3f}")
     assert after < 0.6 * before and after < 0.9, (before, after)
+
+
+@torch.no_grad()
+def test_embedding_is_rotation_invariant_and_needs_no_set():
+    torch.manual_seed(0)
+    L = 33
+    model = RotationalSetTransformer(L=L, **SMALL)
+    b = _batch(L, 8)
+    images, ctf = b["noisy"][0], b["ctf"][0]
+    e = model.embedding(images, ctf, b["noise_variance"][0])
+    assert e.shape == (8, SMALL["heads"] * SMALL["classes"])
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(8))
+    rot = lambda x: torch.rot90(x, 1, dims=(-2, -1))  # noqa: E731
+    torch.testing.assert_close(model.embedding(rot(images), rot(ctf), b["noise_variance"][0]), e,
+                               atol=1e-5, rtol=1e-4)
+    # one image's embedding does not depend on the others given with it
+    torch.testing.assert_close(model.embedding(images[:3], ctf[:3], b["noise_variance"][0]), e[:3],
+                               atol=1e-6, rtol=1e-5)

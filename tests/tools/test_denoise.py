@@ -118,6 +118,38 @@ def test_denoise_uses_the_denoiser_of_a_joint_checkpoint(shared_data, tmp_path, 
         assert f.data.shape == tuple(read_stack(stack).shape) and np.isfinite(f.data).all()
 
 
+ROTATIONAL_CONFIG = """
+trainer: {accelerator: cpu, max_steps: 2, limit_val_batches: 0, logger: false, enable_progress_bar: false,
+          callbacks: [{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: ckpt, save_last: true}}]}
+model:
+  class_path: cryo_lightning.tasks.denoise.DenoiseTask
+  init_args:
+    net: {class_path: cryo_lightning.models.rotational_transformer.RotationalSetTransformer,
+          init_args: {L: 24, channels: 4, heads: 1, head_dim: 4, layers: 1, classes: 4, hidden: 4}}
+data:
+  class_path: cryo_lightning.data.synthetic.SyntheticSetDataModule
+  init_args: {box: 24, batch_size: 2, train_sets_per_epoch: 4, n_train_molecules: 2,
+              simulation: {set_size: 4, pixel_size: 8.0}}
+"""
+
+
+def test_denoise_serves_the_rotational_transformer_with_its_own_neighbour_embedding(tmp_path, cryol_fit,
+                                                                                    monkeypatch):
+    """Issue 23, item 4: `--context neighbours` groups particles by the model's learned embedding."""
+    import cryo_lightning.models.rotational_transformer as rt
+
+    ckpt = cryol_fit(tmp_path, ROTATIONAL_CONFIG)
+    stack = _stack(tmp_path, 24, 8.0, n=10)
+    calls = []
+    original = rt.RotationalSetTransformer.embedding
+    monkeypatch.setattr(rt.RotationalSetTransformer, "embedding",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    main(["denoise", "--ckpt", str(ckpt), "--star", str(stack), "--out", str(tmp_path / "out"),
+          "--set-size", "4", "--context", "neighbours"])
+    out = read_stack(tmp_path / "out" / stack.name)
+    assert calls and out.shape == (10, 24, 24) and torch.isfinite(out).all()
+
+
 # -- shipped models, any box and pixel size ----------------------------------------------------
 
 UNET_CONFIG = """
