@@ -32,7 +32,7 @@ import torch
 
 from cryo_lightning.data.particles import ParticleDataModule, nonfinite_rows
 from cryo_lightning.data.preprocess import PreprocessConfig
-from cryo_lightning.io.particle_table import read_particles
+from cryo_lightning.io.particles import read_particles
 from cryo_lightning.io.star import image_names, optics_block, write_particles_star
 
 

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor, noise_spectrum
 from cryo_lightning.io.errors import MAX_LISTED, InputError
 from cryo_lightning.io.mrc import StackWriter
-from cryo_lightning.io.particle_table import ParticleTable, read_particles
+from cryo_lightning.io.particle_table import ParticleTable
+from cryo_lightning.io.particles import read_particles
 from cryo_lightning.io.stack_paths import resolve_stacks
 from cryo_lightning.io.stack_reader import StackReader, check_box, check_pixel_size
 from cryo_lightning.physics.ctf import CTFParams

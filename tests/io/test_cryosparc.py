@@ -11,7 +11,8 @@ from scipy.spatial.transform import Rotation
 
 from cryo_lightning.io.cryosparc import read_cryosparc
 from cryo_lightning.io.errors import InputError
-from cryo_lightning.io.particle_table import COLUMNS, ParticleTable, read_particles
+from cryo_lightning.io.particle_table import COLUMNS, ParticleTable
+from cryo_lightning.io.particles import read_particles
 from cryo_lightning.physics.rotations import matrix_to_euler, rotvec_to_matrix
 
 

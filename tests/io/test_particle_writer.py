@@ -8,7 +8,7 @@ import pytest
 import starfile
 
 from cryo_lightning.io.errors import InputError
-from cryo_lightning.io.particle_table import read_particles
+from cryo_lightning.io.particles import read_particles
 from cryo_lightning.io.particle_writer import export_subset, star_blocks_for_stack
 from cryo_lightning.io.star import write_particles_star
 

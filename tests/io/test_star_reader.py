@@ -14,7 +14,8 @@ import pytest
 import starfile
 
 from cryo_lightning.io.errors import InputError
-from cryo_lightning.io.particle_table import ParticleTable, read_particles
+from cryo_lightning.io.particle_table import ParticleTable
+from cryo_lightning.io.particles import read_particles
 from cryo_lightning.io.star_reader import read_star
 
 

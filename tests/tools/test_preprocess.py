@@ -11,7 +11,7 @@ import pytest
 import starfile
 
 from cryo_lightning.cli import main
-from cryo_lightning.io.particle_table import read_particles
+from cryo_lightning.io.particles import read_particles
 
 
 def _digests(folder):
