@@ -18,7 +18,7 @@ of ``N`` simulated noisy CTF images at ``--snr``, for every ``N`` of ``--n-image
 - Network: the e3nn unrolled solver alone, from a power-matched white start.
 - Learned, no prior: the network, then ``--polish`` L-BFGS iterations of the moment loss (and
   the endgame below).
-- Learned (strength ``k``): :class:`~cryo_lightning.tools.reconstruct.LearnedFit`, i.e. ``cryol
+- Learned (strength ``k``): :class:`~cryo_lightning.tasks.learned_fit.LearnedFit`, i.e. ``cryol
   reconstruct --method learned``: the network, then the MAP polish with the checkpoint's
   coefficient prior weighted by ``k`` times the moments' expected sampling misfit; if the
   misfit is then above twice that, the classical endgame (whitened stage, ``--hops`` hops,
@@ -46,7 +46,7 @@ import torch
 from cryo_lightning.abinitio.mom import fit_moments
 from cryo_lightning.abinitio.volume_alignment import align_volumes
 from cryo_lightning.data.moment_examples import MomentDataModule
-from cryo_lightning.tools.reconstruct import LearnedFit
+from cryo_lightning.tasks.learned_fit import LearnedFit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -110,7 +110,7 @@ class MomentReconstructor(nn.Module):
     Attributes:
         prior: a :class:`CoefficientPrior` over the volume coefficients, fitted to the training
             molecules by the task and saved with the weights; the MAP polish of
-            :class:`~cryo_lightning.tools.reconstruct.LearnedFit` uses it.
+            :class:`~cryo_lightning.tasks.learned_fit.LearnedFit` uses it.
 
     Shapes: ``a (B, count)`` float, ``b (B, b_count)`` with ``b[:, 0] = 1``.
     """

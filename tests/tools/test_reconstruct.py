@@ -127,7 +127,7 @@ def test_learned_fit_weighs_the_prior_by_the_sampling_error(reconstructor_checkp
 
     from cryo_lightning.abinitio import mom
     from cryo_lightning.data.moment_examples import MomentDataModule
-    from cryo_lightning.tools.reconstruct import LearnedFit
+    from cryo_lightning.tasks.learned_fit import LearnedFit
 
     ckpt, dm = reconstructor_checkpoint
     calls = []
