@@ -211,9 +211,15 @@ def _read_blocks(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        return starfile.read(path, always_dict=True, parse_as_string=_STRING_LABELS)
+        blocks = starfile.read(path, always_dict=True, parse_as_string=_STRING_LABELS)
     except Exception as err:  # starfile/pandas raise many types for malformed text
         raise InputError(f"{path}: cannot be parsed as a STAR file ({type(err).__name__}: {err})") from err
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame) and block.columns.duplicated().any():
+            label = block.columns[block.columns.duplicated()][0]
+            raise InputError(f"{path}: label {label} appears twice in data_{name}; each column of a loop needs "
+                             "its own label: remove the repeated line")
+    return blocks
 
 
 def _locate_blocks(path: Path, blocks: dict[str, Any]) -> tuple[str, pd.DataFrame, pd.DataFrame | None, str]:

@@ -111,34 +111,25 @@ def _expect_input_error(call, case: str, failures: list[str]) -> None:
                         f"{str(err)[:200]}")
 
 
-def test_corrupted_particle_files_load_or_raise_input_error(tmp_path):
-    stars, stacks = _own_files(tmp_path / "own")
-    css: list[Path] = []
-    if SHARED_DATA.is_dir():
-        real = SHARED_DATA / "real"
-        stars += [real / p for p in REAL_STARS if (real / p).is_file()]
-        css += [real / p for p in REAL_CS if (real / p).is_file()]
-        stacks += [real / p for p in REAL_STACKS if (real / p).is_file()]
-    rng = random.Random(20261207)
-    failures: list[str] = []
+def _fuzz(stars: list[Path], css: list[Path], stacks: list[Path], counts: tuple[int, int, int],
+          rng: random.Random, work: Path, failures: list[str]) -> int:
+    """Corrupt randomly chosen files ``counts`` = (STAR, .cs, MRC) times; returns the cases run."""
     cases = 0
-    work = tmp_path / "case"
-    work.mkdir()
-    for _ in range(400):  # STAR files, read in a folder without their stacks: metadata only
+    for _ in range(counts[0] if stars else 0):  # STAR files, read without their stacks: metadata only
         source = rng.choice(stars)
         target = work / source.name
         target.write_bytes(_corrupt_text(source.read_bytes(), rng))
         _expect_input_error(lambda: read_particles(target, pixel_size=rng.choice([None, 1.5])),
                             f"STAR {source.name} case {cases}", failures)
         cases += 1
-    for _ in range(100 if css else 0):  # cryoSPARC .cs (numpy .npy structured arrays)
+    for _ in range(counts[1] if css else 0):  # cryoSPARC .cs (numpy .npy structured arrays)
         source = rng.choice(css)
         target = work / source.name
         target.write_bytes(_corrupt_binary(source.read_bytes(), rng, header=256))
         _expect_input_error(lambda: read_particles(target, pixel_size=1.0), f"CS {source.name} case {cases}",
                             failures)
         cases += 1
-    for _ in range(300):  # MRC stacks: header, then the first and last images
+    for _ in range(counts[2] if stacks else 0):  # MRC stacks: header, then the first and last images
         source = rng.choice(stacks)
         target = work / source.name
         target.write_bytes(_corrupt_binary(source.read_bytes(), rng, header=1024))
@@ -151,6 +142,23 @@ def test_corrupted_particle_files_load_or_raise_input_error(tmp_path):
 
         _expect_input_error(read, f"MRC {source.name} case {cases}", failures)
         cases += 1
-    assert cases >= 700
+    return cases
+
+
+def test_corrupted_particle_files_load_or_raise_input_error(tmp_path):
+    """The files written here get the same cases everywhere (a fresh clone too); the real fixtures
+    of ../shared, when present, get their own."""
+    work = tmp_path / "case"
+    work.mkdir()
+    failures: list[str] = []
+    stars, stacks = _own_files(tmp_path / "own")
+    cases = _fuzz(stars, [], stacks, (300, 0, 200), random.Random(20261207), work, failures)
+    if SHARED_DATA.is_dir():
+        real = SHARED_DATA / "real"
+        cases += _fuzz([real / p for p in REAL_STARS if (real / p).is_file()],
+                       [real / p for p in REAL_CS if (real / p).is_file()],
+                       [real / p for p in REAL_STACKS if (real / p).is_file()], (300, 100, 200),
+                       random.Random(20261208), work, failures)
+    assert cases >= 500
     assert not failures, f"{len(failures)} of {cases} corrupted files raised something else than InputError:\n" \
         + "\n".join(failures[:40])

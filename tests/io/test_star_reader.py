@@ -458,3 +458,12 @@ def test_subset(shared_data):
     assert s.blocks["optics"] is t.blocks["optics"] and len(t) == 139  # the original is unchanged
     pd.testing.assert_frame_equal(s.particles.iloc[[1]].reset_index(drop=True), t.particles.iloc[[0]])
     s.validate()
+
+
+def test_a_repeated_label_is_named(tmp_path):
+    """Found by tests/io/test_fuzz.py: a repeated label line gave an AttributeError from pandas."""
+    star = tmp_path / "twice.star"
+    star.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n_rlnDefocusU #3\n"
+                    "1@a.mrcs 10000 10000\n")
+    with pytest.raises(InputError, match="label rlnDefocusU appears twice in data_particles"):
+        read_particles(star, pixel_size=1.0)
