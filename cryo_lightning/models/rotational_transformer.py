@@ -157,13 +157,14 @@ class _Block(nn.Module):
         self.mlp_x, self.norm_x3 = _GatedMLP(n_freq, channels, hidden), _RMSNorm(n_freq, channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, return_attention: bool = False):
-        gathered, _ = self.gather(self.norm_c(c), self.norm_x1(x))
+        """Updated images and classes; with ``return_attention`` also the (gather, read) attentions."""
+        gathered, gather = self.gather(self.norm_c(c), self.norm_x1(x), return_attention)
         c = c + gathered
         c = c + self.mlp_c(self.norm_c2(c))
         read, attn = self.read(self.norm_x2(x), self.norm_c3(c), return_attention)
         x = x + read
         x = x + self.mlp_x(self.norm_x3(x))
-        return x, c, attn
+        return x, c, ((gather, attn) if return_attention else None)
 
 
 class RotationalSetTransformer(nn.Module):
@@ -260,7 +261,7 @@ class RotationalSetTransformer(nn.Module):
         attentions = []
         for block in self.blocks:
             x, classes, attn = block(x, classes, return_attention)
-            attentions.append(attn)
+            attentions.append(None if attn is None else attn[1])
         clean = self.readout(self.norm_out(x)).transpose(-1, -2)  # (B, N, R, T) angular frequencies
         polar = torch.fft.ifft(clean, dim=-1) * math.sqrt(self.T)  # CTF-free projection spectrum
         # The origin is one point: its ring holds one value (angular frequency 0), or the
@@ -319,8 +320,7 @@ class RotationalSetTransformer(nn.Module):
         classes = torch.view_as_complex(self.class_tokens)[None].expand(B, -1, -1, -1)
         for index, block in enumerate(self.blocks):
             if index == layer:
-                _, gather = block.gather(block.norm_c(classes), block.norm_x1(x), return_attention=True)
-                x_new, c_new, read = block(x, classes, return_attention=True)
+                _, _, (gather, read) = block(x, classes, return_attention=True)
                 g = gather.sum(-1).mean(1)  # (B, classes, N)
                 b = read.sum(-1).mean(1)  # (B, N, classes)
                 return torch.einsum("bik,bkj->bij", b, g)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from cryo_lightning.data.molecule_bank import derive_seed
 from cryo_lightning.data.set_simulator import random_viewing_distribution
-from cryo_lightning.io.atomic_write import atomic_path, check_overwrite
+from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.json_text import json_text
 from cryo_lightning.io.mrc import StackWriter, write_map
@@ -209,11 +209,9 @@ def simulate(s: SimulateSettings) -> dict[str, Path]:
     """Simulate the dataset described by ``s`` and write it atomically; returns the output paths."""
     s.validate()
     finals = _outputs(s)
-    for p in finals.values():  # fail before any work
-        check_overwrite(p, s.overwrite)
     s.check_resources()
     device = pick_device(s.device)
-    with output_set(finals, s.overwrite) as staged:
+    with output_set(finals, s.overwrite) as staged:  # refuses existing outputs before any work
         _simulate(s, staged, finals, device)
     return finals
 
