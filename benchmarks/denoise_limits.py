@@ -43,7 +43,7 @@ from cryo_lightning.denoise.cwf import PopulationPrior, cwf_denoise
 from cryo_lightning.denoise.oracle import oracle_denoise
 from cryo_lightning.metrics import relative_mse
 from cryo_lightning.physics.fourier import fft3c, ifft3c, radial_grid
-from cryo_lightning.denoise.steerable_basis import fourier_bessel_basis
+from cryo_lightning.physics.steerable_basis import fourier_bessel_basis
 
 
 def low_pass(volume: torch.Tensor, cutoff: float) -> torch.Tensor:

@@ -71,7 +71,6 @@ from cryo_lightning.data.molecule_bank import derive_seed
 from cryo_lightning.data.preprocess import background_stats
 from cryo_lightning.denoise.cwf import cwf_denoise
 from cryo_lightning.denoise.oracle import fit_scale, oracle_denoise
-from cryo_lightning.denoise.steerable_basis import fourier_bessel_basis
 from cryo_lightning.denoise.wiener import wiener_denoise
 from cryo_lightning.io.mrc import read_map, read_stack, require_cubic, write_stack
 from cryo_lightning.io.star import image_names, optics_block, write_particles_star
@@ -83,6 +82,7 @@ from cryo_lightning.physics.image_formation import clean_images
 from cryo_lightning.physics.noise import add_white_noise
 from cryo_lightning.physics.projection import volume_spectrum
 from cryo_lightning.physics.rotations import euler_to_matrix, matrix_to_euler, random_rotations
+from cryo_lightning.physics.steerable_basis import fourier_bessel_basis
 from cryo_lightning.physics.volumes import soft_sphere_mask
 from cryo_lightning.tools.common import pick_device
 

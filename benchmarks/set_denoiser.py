@@ -48,7 +48,7 @@ from denoise_limits import known_pose_posterior  # noqa: E402
 from cryo_lightning.data.molecule_bank import MoleculeBank  # noqa: E402
 from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig  # noqa: E402
 from cryo_lightning.denoise.cwf import PopulationPrior, cwf_denoise  # noqa: E402
-from cryo_lightning.denoise.steerable_basis import fourier_bessel_basis  # noqa: E402
+from cryo_lightning.physics.steerable_basis import fourier_bessel_basis  # noqa: E402
 
 CONFIGS = {
     "transformer": "configs/denoise_rotational_transformer_cpu.yaml",

@@ -4,7 +4,7 @@ The pipeline follows ASPIRE-Python's ``RIRClass2D`` + ``BFSRAverager2D`` (Zhao &
 JOSA A 31:1; Bhamre, Zhang & Singer 2016):
 
 1. **Steerable coefficients.** Images are expanded in the Fourier-Bessel basis of
-   :mod:`cryo_lightning.denoise.steerable_basis` and, by default, denoised by the covariance
+   :mod:`cryo_lightning.physics.steerable_basis` and, by default, denoised by the covariance
    Wiener filter of :mod:`cryo_lightning.denoise.cwf`, which also corrects the CTF: the result
    estimates each image's *CTF-free* projection. Without denoising, CTF-affected images are
    phase-flipped first.
@@ -61,13 +61,13 @@ import torch.nn.functional as F
 
 from cryo_lightning.abinitio.peaks import parabolic_offset
 from cryo_lightning.denoise.cwf import cwf_coefficients
-from cryo_lightning.denoise.steerable_basis import FourierBesselBasis, fourier_bessel_basis
 from cryo_lightning.denoise.wiener import estimate_radial_spectrum
 from cryo_lightning.physics.ctf import phase_flip
 from cryo_lightning.physics.fourier import frequency_grid, ifft2c, radial_grid
 from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.physics.polar import PolarSpectrum
 from cryo_lightning.physics.projection import translate_spectrum
+from cryo_lightning.physics.steerable_basis import FourierBesselBasis, fourier_bessel_basis
 
 __all__ = [
     "steerable_coefficients",

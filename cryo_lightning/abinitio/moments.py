@@ -1,7 +1,7 @@
 """First and second moments of particle images in a steerable basis, streamed and noise-debiased.
 
 Images are represented by their 2D Fourier-Bessel coefficients
-(:class:`~cryo_lightning.denoise.steerable_basis.FourierBesselBasis`), truncated to angular
+(:class:`~cryo_lightning.physics.steerable_basis.FourierBesselBasis`), truncated to angular
 frequencies ``k <= k_max`` and radial functions below a band limit (:class:`MomentLayout`). For
 poses whose in-plane angle is uniform, averaging over that angle makes the moments
 block-diagonal in ``k`` (an in-plane rotation multiplies block ``k`` by ``exp(-i k alpha)``), so
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cryo_lightning.denoise.steerable_basis import FourierBesselBasis
 from cryo_lightning.physics.ctf import CTFParams
+from cryo_lightning.physics.steerable_basis import FourierBesselBasis
 
 __all__ = ["MomentLayout", "ImageMoments", "MomentEstimator", "estimate_moments", "defocus_bins", "group_by_defocus",
            "moment_discrepancy"]

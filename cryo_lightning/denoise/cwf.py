@@ -1,7 +1,7 @@
 """Covariance Wiener filter (CWF, "Cov2D") of Bhamre, Zhang & Singer (2016).
 
 Model, per image ``i`` of a set, in the steerable Fourier-Bessel basis of
-:mod:`cryo_lightning.denoise.steerable_basis` (complex coefficients, one block per angular
+:mod:`cryo_lightning.physics.steerable_basis` (complex coefficients, one block per angular
 frequency ``k``)::
 
     y_i = H_i x_i + n_i,    E[x_i] = mu (k = 0 only),    Cov[x_i] = C = diag_k(C_k),    Cov[n_i] = sigma^2 I.
@@ -65,8 +65,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cryo_lightning.denoise.steerable_basis import FourierBesselBasis, fourier_bessel_basis
 from cryo_lightning.physics.fourier import fft2c, ifft2c
+from cryo_lightning.physics.steerable_basis import FourierBesselBasis, fourier_bessel_basis
 
 __all__ = [
     "PopulationPrior",

@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cryo_lightning.denoise.cwf import PopulationPrior, cwf_denoise
-from cryo_lightning.denoise.steerable_basis import fourier_bessel_basis
 from cryo_lightning.models.unet import UNet
-from cryo_lightning.physics.polar import PolarSpectrum
 from cryo_lightning.physics.fourier import radial_grid
 from cryo_lightning.physics.noise import estimate_noise_variance
+from cryo_lightning.physics.polar import PolarSpectrum
+from cryo_lightning.physics.steerable_basis import fourier_bessel_basis
 
 __all__ = ["PolarSetTransformer"]
 

@@ -17,12 +17,12 @@ from cryo_lightning.abinitio.class_average import (
     select_centres,
     steerable_coefficients,
 )
-from cryo_lightning.denoise.steerable_basis import fourier_bessel_basis
 from cryo_lightning.metrics import relative_mse
 from cryo_lightning.physics.ctf import ctf_2d, random_ctf_params
 from cryo_lightning.physics.fourier import ifft2c
 from cryo_lightning.physics.projection import project_spectrum, translate_spectrum, volume_spectrum
 from cryo_lightning.physics.rotations import euler_to_matrix, matrix_to_euler, random_rotations, viewing_direction
+from cryo_lightning.physics.steerable_basis import fourier_bessel_basis
 from cryo_lightning.physics.volumes import random_molecule
 
 

@@ -17,9 +17,9 @@ from cryo_lightning.denoise.cwf import (
     estimate_block_moments,
     shrink_eigenvalues,
 )
-from cryo_lightning.denoise.steerable_basis import fourier_bessel_basis
 from cryo_lightning.metrics import relative_mse
 from cryo_lightning.physics.ctf import ctf_2d, random_ctf_params
+from cryo_lightning.physics.steerable_basis import fourier_bessel_basis
 
 HAVE_WIENER = importlib.util.find_spec("cryo_lightning.denoise.wiener") is not None
 

@@ -9,7 +9,7 @@ import pytest
 import scipy.special
 import torch
 
-from cryo_lightning.denoise.steerable_basis import FourierBesselBasis, bessel_j, bessel_j_zeros, fourier_bessel_basis
+from cryo_lightning.physics.steerable_basis import FourierBesselBasis, bessel_j, bessel_j_zeros, fourier_bessel_basis
 from cryo_lightning.physics.fourier import fft2c, ifft2c, radial_grid
 
 L = 32
