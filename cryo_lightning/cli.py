@@ -58,7 +58,7 @@ TOOLS = {
         "Write a subset of particles by filtering the original STAR or .cs file.",
     ),
     "submit": (
-        "cryo_lightning.tools.submit",
+        "cryo_lightning.launch.command",
         "Run a trainer verb on a Slurm cluster with submitit (DDP, requeue and resume); --dry-run prints the script.",
     ),
 }

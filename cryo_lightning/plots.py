@@ -9,7 +9,7 @@ import torch
 
 from cryo_lightning.io.atomic_write import atomic_path
 
-__all__ = ["fsc_plot", "save_grid_png"]
+__all__ = ["fsc_plot", "moment_consistency_plot", "save_grid_png"]
 
 
 def _pyplot():
@@ -58,6 +58,34 @@ def save_grid_png(path: Path, grid: torch.Tensor, row_labels: list[str], scale: 
     ax.imshow(grid.cpu().numpy(), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([(r + 0.5) * height / rows for r in range(rows)], row_labels)
+    fig.tight_layout()
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def moment_consistency_plot(path: Path, consistency) -> None:
+    """The moment consistency of denoised images (a
+    :class:`~cryo_lightning.abinitio.evaluation.MomentConsistency`): relative differences of M1 and
+    of each M2 block against the raw estimate's sampling error, and the M2 energy ratios."""
+    plt = _pyplot()
+    mc = consistency
+    k = np.arange(len(mc.m2_difference))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.6))
+    ax1.semilogy(k, mc.m2_difference, "o-", color="C0", label="denoised vs raw (debiased)")
+    ax1.semilogy(k, mc.m2_error, "k--", lw=1.0, label="sampling error of raw")
+    ax1.semilogy([-1], [mc.m1_difference], "o", color="C0")
+    ax1.semilogy([-1], [mc.m1_error], "_", color="k", ms=12)
+    ax1.set_xticks([-1, *k.tolist()], ["M1", *(str(i) for i in k)])
+    ax1.set_xlabel("M1, and M2 block k")
+    ax1.set_ylabel("relative Frobenius difference")
+    ax1.legend(fontsize=8)
+    ax2.plot(k, mc.m2_energy_ratio, "o-")
+    ax2.axhline(1.0, color="0.6", lw=0.8)
+    ax2.set_xlim(-0.5, len(k) - 0.5)
+    ax2.set_xlabel("M2 block k (blocks the raw data do not resolve are left out)", fontsize=8)
+    ax2.set_ylabel("tr M2_k(denoised) / tr M2_k(raw)")
+    ax2.set_title("< 1: shrinks, > 1: adds variance", fontsize=9)
     fig.tight_layout()
     with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

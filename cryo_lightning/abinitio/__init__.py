@@ -1,1 +1,3 @@
-"""Classical ab initio algorithms (pure torch): reconstruction, and later common lines and class averages."""
+"""Classical ab initio algorithms (pure torch): image moments and the method of moments, common
+lines and synchronization, class averages, least-squares reconstruction, volume alignment and
+quality measures."""

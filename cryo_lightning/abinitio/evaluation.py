@@ -1,4 +1,5 @@
-"""Quality measures that need no ground truth: moment consistency and cross-validation FRC.
+"""Quality measures that need no ground truth: moment consistency, cross-validation FRC and the
+FSC of two half-map files.
 
 Both compare denoised particle images with the raw images they came from, using only what the
 raw data themselves determine:
@@ -38,14 +39,19 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from cryo_lightning.abinitio.moments import ImageMoments, moment_discrepancy, squared_norm
+from cryo_lightning.abinitio.moments import ImageMoments, MomentEstimator, MomentLayout, moment_discrepancy, squared_norm
 from cryo_lightning.abinitio.reconstruct import forward_operator, reconstruct
+from cryo_lightning.io.errors import InputError
+from cryo_lightning.io.mrc import read_map, require_cubic
 from cryo_lightning.metrics import frc_curve
+from cryo_lightning.physics.fourier import fourier_shell_correlation, resolution_at
 
-__all__ = ["MomentConsistency", "moment_consistency", "half_sets", "CrossValidationFRC", "cross_validation_frc"]
+__all__ = ["MomentConsistency", "moment_consistency", "image_moment_consistency", "half_sets", "CrossValidationFRC", "cross_validation_frc",
+           "FSC_THRESHOLDS", "shell_frequencies", "half_map_fsc"]
 
 
 @dataclass
@@ -156,6 +162,29 @@ def half_sets(random_subset: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Te
     return torch.as_tensor(rows, dtype=torch.int64) % 2 + 1, "even/odd rows"
 
 
+def image_moment_consistency(raw: torch.Tensor, denoised: torch.Tensor, noise_variance: torch.Tensor,
+                             groups: torch.Tensor | None, n_groups: int, k_max: int, bandlimit: float,
+                             chunk: int = 1024) -> MomentConsistency:
+    """:func:`moment_consistency` from images: noise-debiased moments of the raw images and plain
+    moments of the denoised ones, per CTF group, accumulated in chunks of ``chunk`` images.
+
+    Args:
+        raw, denoised: ``(n, L, L)`` the same particles in the same units.
+        noise_variance: ``(n,)`` the raw images' noise variance in those units.
+        groups: ``(n,)`` CTF group of each image (``0..n_groups-1``), or None for one group.
+        n_groups, k_max, bandlimit: see :class:`~cryo_lightning.abinitio.moments.MomentLayout`
+            and :class:`~cryo_lightning.abinitio.moments.MomentEstimator`.
+    """
+    layout = MomentLayout(raw.shape[-1], k_max, bandlimit, device=raw.device)
+    raw_est, den_est = MomentEstimator(layout, n_groups), MomentEstimator(layout, n_groups)
+    for s in tqdm(range(0, raw.shape[0], chunk), desc="moments", unit="chunk", disable=None):
+        sl = slice(s, s + chunk)
+        g = None if groups is None else groups[sl]
+        raw_est.update(raw[sl], g, noise_variance[sl])
+        den_est.update(denoised[sl], g, None)
+    return moment_consistency(raw_est.result(), den_est.result())
+
+
 @dataclass
 class CrossValidationFRC:
     """Cross-validation FRC of image sets against projections of the other half's raw map.
@@ -226,3 +255,63 @@ def cross_validation_frc(
         stderr[label] = per_image.std(0) / per_image.shape[0] ** 0.5 if per_image.shape[0] > 1 \
             else torch.zeros_like(frc[label])
     return CrossValidationFRC(frc, stderr, int(subsets.numel()), residuals)
+
+
+# -- half maps ---------------------------------------------------------------------------------
+
+FSC_THRESHOLDS = (0.143, 0.5)
+
+
+def shell_frequencies(L: int, pixel: float) -> list[float]:
+    """Spatial frequency of each one-pixel shell ``0..L//2`` in 1/Angstrom."""
+    return (np.arange(L // 2 + 1) / (L * pixel)).tolist()
+
+
+def half_map_fsc(half1: str, half2: str, mask: str | None = None, pixel_size: float | None = None) -> dict:
+    """FSC between two half maps (each multiplied by ``mask`` first) and its resolutions.
+
+    Args:
+        half1, half2: MRC maps, cubic, same box and voxel size.
+        mask: optional MRC mask of the same box, values in [0, 1] (soft edges welcome: a sharp
+            mask edge correlates the two maps' high frequencies and inflates the FSC).
+        pixel_size: Angstrom, for maps whose header has none.
+    Returns:
+        dict with ``box``, ``pixel_size_A``, ``frequency_per_A`` and ``fsc`` per one-voxel shell
+        (``L // 2 + 1``), and ``resolution_A`` at FSC 0.143 and 0.5 (``inf``, null in metrics.json:
+        no correlation at all; Nyquist if it never falls below).
+    """
+    maps = [require_cubic(read_map(p)) for p in (half1, half2)]
+    for path, m in zip((half1, half2), maps):  # an FSC of NaN maps reads as Nyquist resolution
+        bad = int((~torch.isfinite(m.data)).sum())
+        if bad:
+            raise InputError(f"{path}: {bad} NaN/Inf voxel(s): no FSC is computed from a non-finite map")
+    if maps[0].data.shape != maps[1].data.shape:
+        raise InputError(f"{half2}: box {tuple(maps[1].data.shape)} differs from {half1}'s "
+                         f"{tuple(maps[0].data.shape)}; half maps must be on the same grid")
+    pixels = [m.pixel_size for m in maps if m.pixel_size]
+    if pixels and abs(pixels[0] - pixels[-1]) > 1e-3 * pixels[0]:
+        raise InputError(f"{half2}: voxel size {pixels[-1]:.4f} A differs from {half1}'s {pixels[0]:.4f} A; "
+                         "resample one of them onto the other's grid")
+    pixel = pixels[0] if pixels else pixel_size
+    if pixel is None:
+        raise InputError(f"{half1}: the header has no voxel size; pass --pixel-size")
+    volumes = [m.data.double() for m in maps]
+    if mask is not None:
+        weights = require_cubic(read_map(mask)).data.double()
+        if weights.shape != volumes[0].shape:
+            raise InputError(f"{mask}: mask box {tuple(weights.shape)} differs from the half maps' "
+                             f"{tuple(volumes[0].shape)}; resample the mask onto the maps' grid")
+        if float(weights.min()) < -1e-3 or float(weights.max()) > 1 + 1e-3:
+            raise InputError(f"{mask}: values run from {float(weights.min()):.3g} to {float(weights.max()):.3g}; "
+                             "a mask holds weights in [0, 1] (e.g. from relion_mask_create)")
+        volumes = [v * weights for v in volumes]
+    L = volumes[0].shape[-1]
+    fsc = fourier_shell_correlation(volumes[0], volumes[1], 3)
+    result = {"maps": [str(half1), str(half2)], "mask": mask, "box": L, "pixel_size_A": pixel,
+              "resolution_A": {str(t): resolution_at(fsc, t, L, pixel) for t in FSC_THRESHOLDS},
+              "frequency_per_A": shell_frequencies(L, pixel), "fsc": fsc.tolist()}
+    if torch.equal(maps[0].data, maps[1].data):
+        result["warning"] = (f"{half1} and {half2} are identical: their FSC is 1 at every frequency and the "
+                             "'resolution' is the Nyquist limit, which says nothing about the map; give half maps "
+                             "reconstructed independently from the two half sets of particles")
+    return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from cryo_lightning.physics.ctf import CTFParams
 from cryo_lightning.physics.rotations import euler_to_matrix
 
 __all__ = [
-    "ParticleSource", "open_particles", "nonfinite_rows", "without_nonfinite", "metadata_batch", "estimate_noise_psd", "ParticleSetDataset",
+    "ParticleSource", "open_particles", "nonfinite_rows", "without_nonfinite", "metadata_batch", "preprocess_rows",
+    "preprocessed_chunks", "estimate_noise_psd", "ParticleSetDataset",
     "ParticleDataModule",
 ]
 
@@ -208,13 +210,54 @@ def metadata_batch(source: ParticleSource, rows: np.ndarray) -> dict[str, Any]:
             "data_sign": torch.tensor(df["data_sign"].to_numpy(np.float32)), "ctf_params": params}
 
 
+def preprocess_rows(
+    source: ParticleSource, rows: np.ndarray, processor: Preprocessor, device: torch.device | str | None = None, *,
+    images: torch.Tensor | None = None, data_sign: torch.Tensor | None = None, stored_mode: str | None = None,
+    with_ctf: bool = True, whiten: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read table ``rows`` of ``source`` and preprocess them on ``device``: the one read -> metadata
+    -> preprocess step that every tool and the noise estimate go through.
+
+    Args:
+        source, rows: the particles and which table rows (any order).
+        processor: applies the preprocessing (its ``box`` is the stored box).
+        device: where the images are processed (default CPU).
+        images: the stored images of ``rows`` if the caller has read them already (not read again).
+        data_sign: ``(n,)`` sign to apply instead of the table's (e.g. ones for images whose sign
+            was corrected when they were written).
+        stored_mode: the stored images' CTF mode instead of ``source.ctf_mode(processor.config)``.
+        with_ctf: False when the caller needs no CTF (the returned ``ctf`` is then ones).
+        whiten: see :meth:`~cryo_lightning.data.preprocess.Preprocessor.__call__`.
+    Returns:
+        ``(processed, metadata)``: the :class:`~cryo_lightning.data.preprocess.Preprocessor`'s dict
+        and :func:`metadata_batch`'s (on the CPU).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    meta = metadata_batch(source, rows)
+    stored = torch.from_numpy(source.read(rows)).to(dev) if images is None else images.to(dev)
+    sign = meta["data_sign"] if data_sign is None else data_sign
+    mode = source.ctf_mode(processor.config) if stored_mode is None else stored_mode
+    out = processor(stored, meta["pixel_size_A"].to(dev), sign.to(dev), meta["ctf_params"] if with_ctf else None,
+                    mode, whiten=whiten)
+    return out, meta
+
+
+def preprocessed_chunks(
+    source: ParticleSource, rows: np.ndarray, processor: Preprocessor, device: torch.device | str | None = None,
+    chunk: int = 1024, desc: str = "reading", **options: Any,
+) -> Iterator[tuple[np.ndarray, dict[str, Any], dict[str, Any]]]:
+    """:func:`preprocess_rows` over ``rows`` in chunks of ``chunk``, with a progress bar:
+    yields ``(chunk_rows, processed, metadata)``."""
+    for start in tqdm(range(0, len(rows), chunk), desc=desc, unit="chunk", disable=None):
+        r = rows[start : start + chunk]
+        yield (r, *preprocess_rows(source, r, processor, device, **options))
+
+
 def estimate_noise_psd(source: ParticleSource, preprocessor: Preprocessor, n_images: int = 1000, seed: int = 0) -> torch.Tensor:
     """Noise spectrum ``(L_out, L_out)`` of up to ``n_images`` random particles, preprocessed
     but not whitened (see :func:`~cryo_lightning.data.preprocess.noise_spectrum`)."""
     rows = np.sort(np.random.default_rng(seed).permutation(len(source))[:n_images])
-    meta = metadata_batch(source, rows)
-    out = preprocessor(torch.from_numpy(source.read(rows)), meta["pixel_size_A"], meta["data_sign"],
-                       meta["ctf_params"], source.ctf_mode(preprocessor.config), whiten=False)
+    out, _ = preprocess_rows(source, rows, preprocessor, whiten=False)
     return noise_spectrum(out["images"], preprocessor.config.background_radius)
 
 

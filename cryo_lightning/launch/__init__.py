@@ -1,6 +1,8 @@
 """Scale-out: submit ``cryol`` trainer runs to Slurm clusters with submitit (``cryol submit``).
 
-Layering: this package may import Lightning and submitit; models and physics never import it.
+Layering: the top of the house, above the CLI that it runs inside jobs (``launch/job.py``,
+``launch/freeze.py``); ``launch/command.py`` is the ``cryol submit`` front end, which the CLI's
+verb table names. Nothing below imports this package.
 """
 
 from cryo_lightning.launch.clusters import CLUSTERS, ClusterPreset, get_cluster

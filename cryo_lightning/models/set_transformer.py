@@ -29,7 +29,9 @@ In-plane rotation is handled by construction: rotating any input image by ``2 pi
 its polar spectrum by ``s`` samples, which the circular correlations absorb, so the output rotates
 with the input (up to polar interpolation). The refiner is made equivariant to quarter turns by
 averaging it over the four rotations of its input in evaluation mode (in training, the data are
-already uniform over in-plane angles). Any set size works; cost grows as ``N^2 R T``.
+already uniform over in-plane angles). Any set size works; compute grows as ``N^2 R T`` (every
+pair of images correlated over ``R`` radii and ``T`` angles) and memory as ``N^2 H T`` (the
+correlations of each head at every angle).
 """
 
 from __future__ import annotations

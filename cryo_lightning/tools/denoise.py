@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cryo_lightning.data.particles import ParticleSource, metadata_batch
+from cryo_lightning.data.context_sets import context_sets
+from cryo_lightning.data.particles import ParticleSource, preprocess_rows
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
 from cryo_lightning.data.resample import ScalePlan, estimate_snr
 from cryo_lightning.io.errors import InputError
@@ -40,7 +41,7 @@ from cryo_lightning.physics.polar import PolarSpectrum
 from cryo_lightning.tools.common import (add_flag, open_particle_input, parse_assume, pick_device, prepare_outputs,
                                          tool_parser)
 
-__all__ = ["context_sets", "load_denoise_task", "denoise_particles", "main"]
+__all__ = ["denoise_particles", "main"]
 
 
 def rotation_invariant_embedding(images: torch.Tensor, n_radii: int = 12, n_angles: int = 32) -> torch.Tensor:
@@ -61,38 +62,6 @@ def _embedding(net: torch.nn.Module, prepared: dict) -> torch.Tensor:
         ctf = prepared.get("ctf")
         return net.embedding(prepared["images"], None if ctf is None else ctf.expand_as(prepared["images"]))
     return rotation_invariant_embedding(prepared["images"])
-
-
-def context_sets(n: int, set_size: int, mode: str, seed: int = 0,
-                 embedding: torch.Tensor | None = None) -> list[np.ndarray]:
-    """Partition particle rows ``0..n-1`` into sets of ``set_size`` (the last may be smaller).
-
-    ``mode="random"``: a seeded permutation, chunked. ``mode="neighbours"``: greedy, each set is an
-    unassigned particle and its ``set_size - 1`` nearest unassigned neighbours in ``embedding``.
-    """
-    if mode == "random":
-        order = np.random.default_rng(seed).permutation(n)
-        return [order[i : i + set_size] for i in range(0, n, set_size)]
-    if mode != "neighbours" or embedding is None:
-        raise InputError(f"--context must be 'random' or 'neighbours', got {mode!r}")
-    free = torch.ones(n, dtype=torch.bool, device=embedding.device)
-    sets = []
-    for start in np.random.default_rng(seed).permutation(n).tolist():
-        if not free[start]:
-            continue
-        sim = embedding @ embedding[start]
-        sim[~free] = -torch.inf
-        members = torch.topk(sim, min(set_size, int(free.sum()))).indices
-        free[members] = False
-        sets.append(members.cpu().numpy())
-    return sets
-
-
-def load_denoise_task(ckpt: str, device: torch.device):
-    """:func:`cryo_lightning.tasks.pretrained.load_denoise_task` (kept here for existing callers)."""
-    from cryo_lightning.tasks.pretrained import load_denoise_task as load  # Lightning only when used
-
-    return load(ckpt, device)
 
 
 def denoise_particles(
@@ -194,14 +163,12 @@ def _prepare(source: ParticleSource, rows: np.ndarray, processor: Preprocessor, 
     :meth:`ScalePlan.model_output` needs, and ``offset`` ``(n, 1, 1)``: the constant that the
     background normalisations subtracted from each image, in the model's units (see
     :func:`_denoise_group`)."""
-    meta = metadata_batch(source, rows)
-    pixels, sign = meta["pixel_size_A"].to(dev), meta["data_sign"].to(dev)
-    images = torch.from_numpy(source.read(rows)).to(dev)
     if plan.identity:  # as the model was trained: one pass, CTF included
-        out = processor(images, pixels, sign, meta["ctf_params"], mode)
+        out, _ = preprocess_rows(source, rows, processor, dev, stored_mode=mode)
         mean, std = plan.model_input(out["images"])[1:]
         return {**out, "mean": mean, "std": std, "offset": _offset(out)}
-    first = processor(images, pixels, sign, None, mode)
+    first, meta = preprocess_rows(source, rows, processor, dev, stored_mode=mode, with_ctf=False)
+    pixels, sign = meta["pixel_size_A"].to(dev), meta["data_sign"].to(dev)
     offset = _offset(first)
     x, mean, std = plan.model_input(first["images"])
     # x is processed already: this pass only computes the effective CTF at the model's box and pixel size

@@ -34,35 +34,29 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from cryo_lightning.abinitio.evaluation import MomentConsistency, cross_validation_frc, half_sets, moment_consistency
-from cryo_lightning.abinitio.moments import MomentEstimator, MomentLayout, group_by_defocus
-from cryo_lightning.data.particles import ParticleSource, metadata_batch, nonfinite_rows, without_nonfinite
+from cryo_lightning.abinitio.evaluation import (MomentConsistency, cross_validation_frc, half_map_fsc, half_sets,
+                                               image_moment_consistency, shell_frequencies)
+from cryo_lightning.abinitio.moments import group_by_defocus
+from cryo_lightning.data.particles import (ParticleSource, metadata_batch, nonfinite_rows, preprocess_rows,
+                                           without_nonfinite)
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor, background_stats
 from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.json_text import json_safe, json_text
-from cryo_lightning.io.mrc import read_map, require_cubic
 from cryo_lightning.io.output_set import output_set
 from cryo_lightning.io.stack_reader import read_stack_info
-from cryo_lightning.physics.fourier import fourier_shell_correlation, resolution_at
 from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.physics.rotations import euler_to_matrix
-from cryo_lightning.plots import fsc_plot
+from cryo_lightning.plots import fsc_plot, moment_consistency_plot
 from cryo_lightning.tools.common import (add_flag, open_particle_input, parse_assume, pick_device, prepare_outputs,
                                          tool_parser)
 
-__all__ = ["half_map_fsc", "evaluate", "main"]
+__all__ = ["evaluate", "main"]
 
 # Default working box at most this: the moment basis costs O(L^4) memory (~1 GB at 128).
 DEFAULT_MAX_BOX = 128
 
 UNITS = ("normalized", "raw")
-THRESHOLDS = (0.143, 0.5)
-
-
-def _frequencies(L: int, pixel: float) -> list[float]:
-    """Spatial frequency of each one-pixel shell ``0..L//2`` in 1/Angstrom."""
-    return (np.arange(L // 2 + 1) / (L * pixel)).tolist()
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -80,59 +74,6 @@ def _curve_table(L: int, pixel: float, curves: dict[str, list[float]]) -> pd.Dat
         resolution = np.where(shells > 0, L * pixel / np.maximum(shells, 1), np.inf)
     return pd.DataFrame({"shell": shells, "frequency_per_A": shells / (L * pixel), "resolution_A": resolution,
                          **{k: np.asarray(v) for k, v in curves.items()}})
-
-
-# -- half maps ---------------------------------------------------------------------------------
-
-
-def half_map_fsc(half1: str, half2: str, mask: str | None = None, pixel_size: float | None = None) -> dict:
-    """FSC between two half maps (each multiplied by ``mask`` first) and its resolutions.
-
-    Args:
-        half1, half2: MRC maps, cubic, same box and voxel size.
-        mask: optional MRC mask of the same box, values in [0, 1] (soft edges welcome: a sharp
-            mask edge correlates the two maps' high frequencies and inflates the FSC).
-        pixel_size: Angstrom, for maps whose header has none.
-    Returns:
-        dict with ``box``, ``pixel_size_A``, ``frequency_per_A`` and ``fsc`` per one-voxel shell
-        (``L // 2 + 1``), and ``resolution_A`` at FSC 0.143 and 0.5 (``inf``, null in metrics.json:
-        no correlation at all; Nyquist if it never falls below).
-    """
-    maps = [require_cubic(read_map(p)) for p in (half1, half2)]
-    for path, m in zip((half1, half2), maps):  # an FSC of NaN maps reads as Nyquist resolution
-        bad = int((~torch.isfinite(m.data)).sum())
-        if bad:
-            raise InputError(f"{path}: {bad} NaN/Inf voxel(s): no FSC is computed from a non-finite map")
-    if maps[0].data.shape != maps[1].data.shape:
-        raise InputError(f"{half2}: box {tuple(maps[1].data.shape)} differs from {half1}'s "
-                         f"{tuple(maps[0].data.shape)}; half maps must be on the same grid")
-    pixels = [m.pixel_size for m in maps if m.pixel_size]
-    if pixels and abs(pixels[0] - pixels[-1]) > 1e-3 * pixels[0]:
-        raise InputError(f"{half2}: voxel size {pixels[-1]:.4f} A differs from {half1}'s {pixels[0]:.4f} A; "
-                         "resample one of them onto the other's grid")
-    pixel = pixels[0] if pixels else pixel_size
-    if pixel is None:
-        raise InputError(f"{half1}: the header has no voxel size; pass --pixel-size")
-    volumes = [m.data.double() for m in maps]
-    if mask is not None:
-        weights = require_cubic(read_map(mask)).data.double()
-        if weights.shape != volumes[0].shape:
-            raise InputError(f"{mask}: mask box {tuple(weights.shape)} differs from the half maps' "
-                             f"{tuple(volumes[0].shape)}; resample the mask onto the maps' grid")
-        if float(weights.min()) < -1e-3 or float(weights.max()) > 1 + 1e-3:
-            raise InputError(f"{mask}: values run from {float(weights.min()):.3g} to {float(weights.max()):.3g}; "
-                             "a mask holds weights in [0, 1] (e.g. from relion_mask_create)")
-        volumes = [v * weights for v in volumes]
-    L = volumes[0].shape[-1]
-    fsc = fourier_shell_correlation(volumes[0], volumes[1], 3)
-    result = {"maps": [str(half1), str(half2)], "mask": mask, "box": L, "pixel_size_A": pixel,
-              "resolution_A": {str(t): resolution_at(fsc, t, L, pixel) for t in THRESHOLDS},
-              "frequency_per_A": _frequencies(L, pixel), "fsc": fsc.tolist()}
-    if torch.equal(maps[0].data, maps[1].data):
-        result["warning"] = (f"{half1} and {half2} are identical: their FSC is 1 at every frequency and the "
-                             "'resolution' is the Nyquist limit, which says nothing about the map; give half maps "
-                             "reconstructed independently from the two half sets of particles")
-    return result
 
 
 # -- particles ---------------------------------------------------------------------------------
@@ -196,15 +137,13 @@ def _load_pair(raw: ParticleSource, den: ParticleSource, rows: np.ndarray, L: in
     out = {"raw": [], "denoised": [], "ctf": [], "pixel": [], "sigma2": []}
     for s in tqdm(range(0, len(rows), chunk), desc="reading", unit="chunk", disable=None):
         r = rows[s : s + chunk]
-        meta, dmeta = metadata_batch(raw, r), metadata_batch(den, r)
         stored = torch.from_numpy(raw.read(r)).to(dev)
-        p = raw_proc(stored, meta["pixel_size_A"].to(dev), meta["data_sign"].to(dev), meta["ctf_params"], mode)
+        p, meta = preprocess_rows(raw, r, raw_proc, dev, images=stored, stored_mode=mode)
         # images in the raw stack's units share its data sign; cryol denoise wrote sign-corrected ones
-        sign = meta["data_sign"] if units == "raw" else dmeta["data_sign"]
-        d = den_proc(torch.from_numpy(den.read(r)).to(dev), dmeta["pixel_size_A"].to(dev), sign.to(dev), None,
-                     "none")["images"]
+        sign = meta["data_sign"] if units == "raw" else None
+        d = preprocess_rows(den, r, den_proc, dev, data_sign=sign, stored_mode="none", with_ctf=False)[0]["images"]
         if stats_proc is not None:  # back to raw units (resampling keeps constants and is linear)
-            at_den_box = stats_proc(stored, meta["pixel_size_A"].to(dev), meta["data_sign"].to(dev), None, "none")
+            at_den_box = preprocess_rows(raw, r, stats_proc, dev, images=stored, stored_mode="none", with_ctf=False)[0]
             m, sd = _background_stats(at_den_box["images"], radius)
             d = d * sd + m
         m, sd = _background_stats(p["images"], radius)
@@ -222,49 +161,6 @@ def _load_pair(raw: ParticleSource, den: ParticleSource, rows: np.ndarray, L: in
         out["pixel"].append(p["pixel_size"])
         out["sigma2"].append(sigma2)
     return {k: torch.cat(v) if v else None for k, v in out.items()}
-
-
-def _moments(data: dict, groups: torch.Tensor | None, n_groups: int, k_max: int, bandlimit: float,
-             dev: torch.device, chunk: int = 1024) -> MomentConsistency:
-    """Debiased raw moments and plain denoised moments per CTF group, compared."""
-    L = data["raw"].shape[-1]
-    layout = MomentLayout(L, k_max, bandlimit, device=dev)
-    raw_est, den_est = MomentEstimator(layout, n_groups), MomentEstimator(layout, n_groups)
-    n = data["raw"].shape[0]
-    for s in tqdm(range(0, n, chunk), desc="moments", unit="chunk", disable=None):
-        sl = slice(s, s + chunk)
-        g = None if groups is None else groups[sl]
-        raw_est.update(data["raw"][sl], g, data["sigma2"][sl])
-        den_est.update(data["denoised"][sl], g, None)
-    return moment_consistency(raw_est.result(), den_est.result())
-
-
-def _moments_plot(path: Path, mc: MomentConsistency) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = np.arange(len(mc.m2_difference))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.6))
-    ax1.semilogy(k, mc.m2_difference, "o-", color="C0", label="denoised vs raw (debiased)")
-    ax1.semilogy(k, mc.m2_error, "k--", lw=1.0, label="sampling error of raw")
-    ax1.semilogy([-1], [mc.m1_difference], "o", color="C0")
-    ax1.semilogy([-1], [mc.m1_error], "_", color="k", ms=12)
-    ax1.set_xticks([-1, *k.tolist()], ["M1", *(str(i) for i in k)])
-    ax1.set_xlabel("M1, and M2 block k")
-    ax1.set_ylabel("relative Frobenius difference")
-    ax1.legend(fontsize=8)
-    ax2.plot(k, mc.m2_energy_ratio, "o-")
-    ax2.axhline(1.0, color="0.6", lw=0.8)
-    ax2.set_xlim(-0.5, len(k) - 0.5)
-    ax2.set_xlabel("M2 block k (blocks the raw data do not resolve are left out)", fontsize=8)
-    ax2.set_ylabel("tr M2_k(denoised) / tr M2_k(raw)")
-    ax2.set_title("< 1: shrinks, > 1: adds variance", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
 
 
 def _moments_table(mc: MomentConsistency) -> pd.DataFrame:
@@ -397,9 +293,9 @@ def evaluate(
             if raw.table.has_ctf:
                 groups, _ = group_by_defocus(metadata_batch(raw, rows)["ctf_params"], ctf_groups)
                 n_groups = int(groups.max()) + 1
-            mc = _moments(data, groups, n_groups, k_max, bandlimit, dev)
+            mc = image_moment_consistency(data["raw"], data["denoised"], data["sigma2"], groups, n_groups, k_max, bandlimit)
             metrics["moments"] = {"k_max": k_max, "bandlimit": bandlimit, "ctf_groups": n_groups, **asdict(mc)}
-            _moments_plot(staged["moments_png"], mc)
+            moment_consistency_plot(staged["moments_png"], mc)
             _write_csv(staged["moments_csv"], _moments_table(mc))
             seconds["moments"] = time.perf_counter() - t
 
@@ -413,7 +309,7 @@ def evaluate(
                 curves = {k: v.tolist() for k, v in cv.frc.items()}
                 metrics["frc"] = {
                     "half_sets": how, "n_images": cv.n_images, "lam": lam, "iterations": iterations,
-                    "frequency_per_A": _frequencies(L, pixel), "raw": curves["raw"], "denoised": curves["denoised"],
+                    "frequency_per_A": shell_frequencies(L, pixel), "raw": curves["raw"], "denoised": curves["denoised"],
                     "raw_stderr": cv.stderr["raw"].tolist(), "denoised_stderr": cv.stderr["denoised"].tolist(),
                     # shell 0 (the mean) carries no resolution information
                     "mean_raw": float(cv.frc["raw"][1:].mean()), "mean_denoised": float(cv.frc["denoised"][1:].mean()),

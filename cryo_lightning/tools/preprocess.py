@@ -18,9 +18,8 @@ from pathlib import Path
 from jsonargparse.typing import PositiveInt
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from cryo_lightning.data.particles import estimate_noise_psd, metadata_batch, open_particles
+from cryo_lightning.data.particles import estimate_noise_psd, open_particles, preprocessed_chunks
 from cryo_lightning.data.preprocess import CTF_MODES, PreprocessConfig, Preprocessor
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter
@@ -65,11 +64,8 @@ def preprocess(
     with output_set({"stack": stack_path, "star": star_path}, overwrite) as staged:
         with StackWriter(staged["stack"], n, L_out, float(source.table.particles["pixel_size_A"].median() * source.box / L_out),
                          dtype=torch.float16 if float16 else torch.float32) as writer:
-            for start in tqdm(range(0, n, batch_size), desc="preprocessing", unit="batch", disable=None):
-                rows = np.arange(start, min(start + batch_size, n))
-                meta = metadata_batch(source, rows)
-                result = processor(torch.from_numpy(source.read(rows)).to(dev), meta["pixel_size_A"].to(dev),
-                                   meta["data_sign"].to(dev), meta["ctf_params"], source.ctf_mode(config))
+            for rows, result, _ in preprocessed_chunks(source, np.arange(n), processor, dev, batch_size,
+                                                       desc="preprocessing"):
                 writer.write(result["images"].cpu())
                 pixel_out[rows] = result["pixel_size"].cpu().numpy()
         write_star_for_stack(source.table, staged["star"], staged["stack"], L_out, pixel_out,

@@ -42,16 +42,14 @@ from pathlib import Path
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cryo_lightning.abinitio.class_average import class_averages
 from cryo_lightning.abinitio.common_lines import detect_common_lines
 from cryo_lightning.abinitio.moments import defocus_bins
 from cryo_lightning.abinitio.reconstruct import reconstruct
 from cryo_lightning.abinitio.synchronization import estimate_rotations
-from cryo_lightning.data.particles import ParticleSource, metadata_batch
+from cryo_lightning.data.particles import ParticleSource, metadata_batch, preprocessed_chunks
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
-from cryo_lightning.data.resample import estimate_snr
 from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.json_text import json_text
@@ -100,14 +98,9 @@ class ReconstructionReport:
 def _load(source: ParticleSource, rows: np.ndarray, processor: Preprocessor, dev: torch.device,
           chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Preprocessed, centred images ``(n, L, L)`` and effective CTFs of the given rows."""
-    mode = source.ctf_mode(processor.config)
     images, ctfs, pixels = [], [], []
     df = source.table.particles
-    for s in tqdm(range(0, len(rows), chunk), desc="reading", unit="chunk", disable=None):
-        r = rows[s : s + chunk]
-        meta = metadata_batch(source, r)
-        out = processor(torch.from_numpy(source.read(r)).to(dev), meta["pixel_size_A"].to(dev),
-                        meta["data_sign"].to(dev), meta["ctf_params"], mode)
+    for r, out, _ in preprocessed_chunks(source, rows, processor, dev, chunk):
         # Centre each particle with its stored origin (RELION: particle at box centre - origin).
         origin_px = torch.tensor(df[["shift_x_A", "shift_y_A"]].to_numpy()[r], dtype=torch.float32, device=dev) \
             / out["pixel_size"][:, None]
@@ -122,30 +115,13 @@ def _load(source: ParticleSource, rows: np.ndarray, processor: Preprocessor, dev
 
 def _denoise(spec: str, images: torch.Tensor, source: ParticleSource, rows: np.ndarray, pixel: float, mode: str,
              set_size: int | None, seed: int) -> torch.Tensor:
-    """Denoise ``(n, L, L)`` background-normalised images (of table ``rows``, ``pixel`` Angstrom) in
-    random context sets with a shipped model or a checkpoint (``spec``), at the model's scale as
-    ``cryol denoise`` does; returns CTF-affected clean estimates at box ``L``."""
-    from cryo_lightning.tasks.pretrained import default_set_size, load_denoiser, range_warnings, scale_plan
-    from cryo_lightning.tools.denoise import context_sets
+    """``--denoiser``: :func:`~cryo_lightning.tasks.denoise_images.denoise_images` on the loaded particles."""
+    from cryo_lightning.tasks.denoise_images import denoise_images  # Lightning only for this option
 
-    task, card = load_denoiser(spec, images.device, option="--denoiser")
-    plan = scale_plan(task, card, images.shape[-1], pixel)
-    snr = estimate_snr(plan.model_input(images[:256])[0]) if card.snr_range is not None else None
-    for message in range_warnings(card, plan, snr):
-        print(f"cryol reconstruct: warning: {message}", file=sys.stderr)
-    ctf_processor = Preprocessor(PreprocessConfig(normalize=False), plan.model_box)
     meta = metadata_batch(source, rows)
-    pixels = meta["pixel_size_A"].to(images.device) * (source.box / images.shape[-1]) * plan.scale
-    out = torch.empty_like(images)
-    with torch.no_grad():
-        for members in tqdm(context_sets(len(images), set_size or default_set_size(card), "random", seed),
-                            desc="denoising", unit="set", disable=None):
-            idx = torch.as_tensor(members, device=images.device)
-            x, mean, std = plan.model_input(images[idx])
-            params = None if meta["ctf_params"] is None else meta["ctf_params"][members]
-            ctf = ctf_processor(x, pixels[idx], torch.ones_like(pixels[idx]), params, mode)["ctf"].expand_as(x)
-            out[idx] = plan.model_output(task(x[None], ctf[None], torch.ones(1, device=images.device))[0], mean, std)
-    return out
+    pixels = meta["pixel_size_A"].to(images.device) * (source.box / images.shape[-1])
+    return denoise_images(spec, images, pixels, meta["ctf_params"], mode, set_size, seed, pixel, option="--denoiser",
+                          warn=lambda message: print(f"cryol reconstruct: warning: {message}", file=sys.stderr))
 
 
 def _true_rotations(source: ParticleSource, rows: np.ndarray, star: Path) -> torch.Tensor:

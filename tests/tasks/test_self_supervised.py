@@ -23,9 +23,9 @@ from cryo_lightning.models.dncnn import DnCNN
 from cryo_lightning.models.set_transformer import PolarSetTransformer
 from cryo_lightning.physics.noise import disk_mask
 from cryo_lightning.tasks.denoise import DenoiseTask
+from cryo_lightning.tasks.pretrained import load_denoise_task
 from cryo_lightning.tasks.self_supervised import (SelfSupervisedDenoiseTask, load_denoiser_weights,
                                                   noisier2noise_floor, noisier2noise_pair, sure_loss)
-from cryo_lightning.tools.denoise import load_denoise_task
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

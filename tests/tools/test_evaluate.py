@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from cryo_lightning.abinitio.evaluation import half_sets
+from cryo_lightning.abinitio.evaluation import half_map_fsc
 from cryo_lightning.cli import main
 from cryo_lightning.io.mrc import read_stack, write_map, write_stack
 from cryo_lightning.physics.fourier import fft3c, ifft3c, radial_grid
 from cryo_lightning.physics.noise import disk_mask
-from cryo_lightning.tools.evaluate import evaluate, half_map_fsc
+from cryo_lightning.tools.evaluate import evaluate
 
 L, PIXEL = 32, 6.0
 
