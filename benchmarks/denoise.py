@@ -1,8 +1,9 @@
 """Denoising benchmark: every method x SNR x set size on held-out molecules.
 
-1. Trains each network config (``configs/denoise_{dncnn,unet,transformer}[_cpu].yaml``: the same
-   budget of steps x sets x images on the same training molecules) with ``cryol fit``, unless its
-   checkpoint exists (``--retrain`` forces it).
+1. Trains each network config (``configs/denoise_{dncnn,unet,transformer}[_cpu].yaml``, after the
+   setting's base ``configs/base/denoise_synthetic_l{64,32}.yaml``: the same budget of steps x sets
+   x images on the same training molecules) with ``cryol fit``, unless its checkpoint exists
+   (``--retrain`` forces it).
 2. For every SNR and set size N, simulates test sets of N images from the *test* molecule bank
    (disjoint from training; one batch of images per molecule, seen by set methods as consecutive
    sets of N), and runs on identical images: the noisy input, the radial Wiener
@@ -10,7 +11,8 @@
    oracle posterior mean (knows the volume and the amplitude scale), each trained network, and,
    when the transformer has one, its CWF guide with the population prior alone ("cwf+prior").
 3. Writes ``benchmarks/results/denoise[_cpu].json`` (a list of {method, snr, n, rel_mse, ci95, L,
-   config}), a Markdown table, a figure of relative MSE vs SNR and an image gallery.
+   config: the ``cryol fit`` command of the network}), a Markdown table, a figure of relative MSE
+   vs SNR and an image gallery.
 
     python benchmarks/denoise.py --setting cpu            # L = 32 on a CPU
     python benchmarks/denoise.py --setting gpu            # L = 64 on a GPU
@@ -26,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from cryo_lightning.cli import main as cryol
 from cryo_lightning.data.molecule_bank import MoleculeBank, derive_seed
@@ -34,6 +35,7 @@ from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig
 from cryo_lightning.denoise.cwf import cwf_denoise
 from cryo_lightning.denoise.oracle import fit_scale, oracle_denoise
 from cryo_lightning.denoise.wiener import wiener_denoise
+from cryo_lightning.launch.freeze import resolve_config
 from cryo_lightning.metrics import relative_mse
 from cryo_lightning.tasks.denoise import DenoiseTask
 
@@ -41,16 +43,32 @@ ROOT = Path(__file__).resolve().parents[1]
 NETWORKS = ("dncnn", "unet", "transformer")
 SNRS = (1 / 4, 1 / 16, 1 / 32, 1 / 50, 1 / 100)
 SET_SIZES = (1, 8, 32, 128, 512)
+BASES = {"cpu": "denoise_synthetic_l32", "gpu": "denoise_synthetic_l64"}  # what every network shares
 
 
-def config_path(network: str, setting: str) -> Path:
-    return ROOT / "configs" / f"denoise_{network}{'_cpu' if setting == 'cpu' else ''}.yaml"
+def config_paths(network: str, setting: str) -> list[Path]:
+    """A network's configs in the order they compose: the setting's base, then the network's own."""
+    return [ROOT / "configs" / "base" / f"{BASES[setting]}.yaml",
+            ROOT / "configs" / f"denoise_{network}{'_cpu' if setting == 'cpu' else ''}.yaml"]
+
+
+def config_args(network: str, setting: str) -> list[str]:
+    return [arg for path in config_paths(network, setting) for arg in ("--config", str(path))]
+
+
+def fit_command(network: str, setting: str) -> str:
+    """The command that trains a network, from the repository root (as the results record it)."""
+    return "cryol fit " + " ".join(f"--config {p.relative_to(ROOT)}" for p in config_paths(network, setting))
+
+
+def resolved_config(network: str, setting: str) -> dict:
+    """A network's fully resolved config (what ``cryol fit ... --print_config`` prints)."""
+    return resolve_config(["fit", *config_args(network, setting)])
 
 
 def train(network: str, setting: str, retrain: bool, max_steps: int | None) -> Path:
     """Train one network with its config (from the repository root); return the checkpoint."""
-    cfg = config_path(network, setting)
-    root = yaml.safe_load(cfg.read_text())["trainer"]["default_root_dir"]
+    root = resolved_config(network, setting)["trainer"]["default_root_dir"]
     overrides = []
     if max_steps:  # another budget: its own run folder, so the config's checkpoint stays as it is
         root = f"{root}_steps{max_steps}"
@@ -61,7 +79,7 @@ def train(network: str, setting: str, retrain: bool, max_steps: int | None) -> P
     if ckpt.is_file() and not retrain:
         return ckpt
     t0 = time.perf_counter()
-    cryol(["fit", "--config", str(cfg), *overrides])
+    cryol(["fit", *config_args(network, setting), *overrides])
     print(f"trained {network} in {time.perf_counter() - t0:.0f} s -> {ckpt}")
     return ckpt
 
@@ -135,7 +153,7 @@ def main() -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
 
     nets = {name: load(train(name, args.setting, args.retrain, args.max_steps), device) for name in args.networks}
-    data_cfg = yaml.safe_load(config_path(args.networks[0], args.setting).read_text())["data"]["init_args"]
+    data_cfg = resolved_config(args.networks[0], args.setting)["data"]["init_args"]
     L = int(data_cfg["box"])
     sim_cfg = SimulationConfig(**{**data_cfg["simulation"], "snr": tuple(data_cfg["simulation"]["snr"])})
     bank = MoleculeBank(L, "test", int(data_cfg["n_test_molecules"]), int(data_cfg["seed"]))
@@ -171,7 +189,7 @@ def main() -> None:
             for method, values in errors.items():
                 mean, ci = summary(values)
                 owner = "transformer" if method == "cwf+prior" else method  # the prior is the transformer's
-                config = str(config_path(owner, args.setting).relative_to(ROOT)) if owner in nets else None
+                config = fit_command(owner, args.setting) if owner in nets else None
                 rows.append({"method": method, "snr": snr, "n": n, "rel_mse": mean, "ci95": ci, "L": L,
                              "config": config, "images": int(len(values))})
             print(f"SNR 1/{1 / snr:.0f} N={n}: " + ", ".join(f"{m} {errors[m].mean():.3f}" for m in errors)

@@ -33,9 +33,8 @@ import math
 from pathlib import Path
 
 import torch
-import yaml
 
-from denoise import ROOT, _as_sets, config_path, evaluate, load, summary, test_sets
+from denoise import ROOT, _as_sets, evaluate, fit_command, load, resolved_config, summary, test_sets
 from cryo_lightning.abinitio.reconstruct import reconstruct
 from cryo_lightning.data.molecule_bank import MoleculeBank
 from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig
@@ -83,9 +82,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "denoise_limits_cpu")
     args = p.parse_args()
     device = torch.device("cpu")
-    cfg_path = config_path("transformer", "cpu")
-    data_cfg = yaml.safe_load(cfg_path.read_text())["data"]["init_args"]
-    ckpt = ROOT / yaml.safe_load(cfg_path.read_text())["trainer"]["default_root_dir"] / "checkpoints" / "last.ckpt"
+    config, command = resolved_config("transformer", "cpu"), fit_command("transformer", "cpu")
+    data_cfg = config["data"]["init_args"]
+    ckpt = ROOT / config["trainer"]["default_root_dir"] / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         raise SystemExit(f"{ckpt} is missing: train it first (python benchmarks/denoise.py --setting cpu)")
     net = load(ckpt, device).net
@@ -135,10 +134,10 @@ def main() -> None:
         near_mass["random"].append((near.sum(-1) / (args.n - 1)).flatten())
         print(f"molecule {molecule}: " + ", ".join(f"{k} {float(v[-1].mean()):.3f}" for k, v in rows.items()), flush=True)
 
-    out = {"snr": args.snr, "n": args.n, "L": L, "images": args.images, "config": str(cfg_path.relative_to(ROOT)),
+    out = {"snr": args.snr, "n": args.n, "L": L, "images": args.images, "config": command,
            "near_degrees": args.near_degrees, "rel_mse": {}, "attention_mass_near": {}}
     lines = [f"SNR 1/{1 / args.snr:.0f}, N = {args.n}, L = {L}, {args.images} test images "
-             f"({args.molecules} held-out molecules), {cfg_path.relative_to(ROOT)}.", "",
+             f"({args.molecules} held-out molecules), {command}.", "",
              "| method | relative MSE |", "|---|---|"]
     for name, parts in rows.items():
         mean, ci = summary(torch.cat(parts).numpy())

@@ -8,8 +8,9 @@ structure families, each molecule with its own pixel size; CTF, shifts), seeded 
 ``method``):
 
 - ``transformer``: ``configs/denoise_rotational_transformer_cpu.yaml`` (its last checkpoint);
-- ``polar``: the earlier polar set model (``configs/denoise_transformer_cpu.yaml``; trained on the
-  bead molecules of issue 4, so it is off its training distribution here);
+- ``polar``: the earlier polar set model (``configs/denoise_transformer_cpu.yaml``, after its base
+  ``configs/base/denoise_synthetic_l32.yaml``; trained on the bead molecules of issue 4, so it is
+  off its training distribution here);
 - ``unet_converged``: ``configs/denoise_unet_converged_cpu.yaml`` (same data as the transformer);
 - ``cwf``: covariance Wiener filter with the set's own statistics; ``cwf_prior``: with the polar
   model's population prior; ``cwf_truth``: with the molecule's own noise-free statistics
@@ -58,7 +59,8 @@ CONFIGS = {
 
 
 def checkpoint(config: str) -> Path:
-    """The ``last.ckpt`` that ``cryol fit --config CONFIG`` writes."""
+    """The ``last.ckpt`` in CONFIG's run folder (``trainer.default_root_dir``, which every
+    experiment's own file sets, also one that goes after a base)."""
     root = yaml.safe_load((ROOT / config).read_text())["trainer"]["default_root_dir"]
     return ROOT / root / "checkpoints" / "last.ckpt"
 

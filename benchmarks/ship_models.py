@@ -3,7 +3,9 @@
 For each ``NAME=CHECKPOINT=CONFIG`` this exports the checkpoint's weights
 (``cryo_lightning.tasks.pretrained.export_weights``: no optimizer state) to
 ``cryo_lightning/pretrained/NAME.pt`` and writes its registry entry: kind, training box,
-pixel-size and SNR ranges and set size from the config's data block, the training command, the
+pixel-size and SNR ranges and set size from the config's data block (CONFIG goes after the base
+of the shipped models' training stages, ``configs/base/denoise_realistic_l64.yaml``, as in every
+``cryol fit`` command of theirs), the training command, the
 wall time and machine (from the run's TensorBoard events), and held-out numbers: the relative MSE
 per real map and SNR of ``benchmarks/results/realmaps.json`` when it has rows for the model, and
 the model's own validation curve (first and last ``val/rel_mse``). The first name is the default.
@@ -24,9 +26,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from cryo_lightning.launch.freeze import resolve_config
 from cryo_lightning.tasks.pretrained import MANIFEST, export_weights
 
 ROOT = Path(__file__).resolve().parents[1]
+BASE = "configs/base/denoise_realistic_l64.yaml"  # the network and training distribution of every stage
 DESCRIPTIONS = {
     "wiener": "U-Net refining the radial CTF-aware Wiener filter of its set (in effect single-image)",
     "cwf": "U-Net refining the covariance Wiener filter (CWF) of its context set",
@@ -63,13 +67,22 @@ def _stages(config: str, ckpt: Path) -> list[tuple[str, Path]]:
             by_run[root] = str(path.relative_to(ROOT))
     stages = [(config, ckpt)]
     while True:
-        init = yaml.safe_load((ROOT / stages[0][0]).read_text())["model"]["init_args"].get("init_ckpt")
+        init = _resolved(stages[0][0])["model"]["init_args"].get("init_ckpt")
         if not init:
             return stages
         run = str(Path(init).parents[1])
         if run not in by_run:
             raise SystemExit(f"{stages[0][0]} starts from {init}, which no config in configs/ trains")
         stages.insert(0, (by_run[run], ROOT / init))
+
+
+def _fit_args(config: str) -> list[str]:
+    return ["--config", BASE, "--config", config]
+
+
+def _resolved(config: str) -> dict:
+    """The fully resolved config of a training stage (run from the repository root)."""
+    return resolve_config(["fit", *(str(ROOT / a) if a.endswith(".yaml") else a for a in _fit_args(config))])
 
 
 def _realmaps(name: str) -> dict[str, float]:
@@ -91,7 +104,7 @@ def main() -> None:
     entries = []
     for spec in args.models:
         name, ckpt, config = spec.split("=")
-        cfg = yaml.safe_load((ROOT / config).read_text())
+        cfg = _resolved(config)
         net = cfg["model"]["init_args"]["net"]["init_args"]
         data = cfg["data"]["init_args"]
         sim = data["simulation"]
@@ -114,7 +127,7 @@ def main() -> None:
             "name": name, "file": out.name, "kind": "set" if guide == "cwf" else "single-image",
             "description": DESCRIPTIONS[guide] + f"; trained on the realistic procedural families (docs/data.md), "
                            f"{out.stat().st_size / 1e6:.1f} MB",
-            "config": config, "train_command": " && ".join(f"cryol fit --config {c}" for c, _ in stages),
+            "config": config, "train_command": " && ".join(" ".join(["cryol fit", *_fit_args(c)]) for c, _ in stages),
             "wall_time": " + ".join(f"{w / 60:.0f}" for w in walls) + f" min on {platform.machine()} CPU, 2 cores",
             "box": int(data["box"]), "pixel_size_range": [float(v) for v in data["pixel_size_range"]],
             "snr_range": [float(v) for v in sim["snr"]], "set_size": SET_SIZES[guide],

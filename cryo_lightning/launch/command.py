@@ -3,7 +3,8 @@
 Example::
 
     cryol submit --cluster berzelius --account berzelius-2026-123 --nodes 2 --gpus-per-node 8 \\
-        --time 12:00:00 -- fit --config configs/denoise_transformer.yaml
+        --time 12:00:00 -- fit --config configs/base/denoise_synthetic_l64.yaml \\
+        --config configs/denoise_transformer.yaml
 
 Everything after ``--`` is the ``cryol`` command. Its config is resolved now and frozen into
 the job folder; the trainer's devices and nodes follow the allocation; the job is requeued at

@@ -67,8 +67,10 @@ class ModelCard:
         kind: ``"single-image"`` or ``"set"``.
         description: one line.
         file: the weights file (absolute), or None.
-        config: the ``configs/*.yaml`` that trained it.
-        train_command: the command that trained it.
+        config: the ``configs/*.yaml`` that trained it (the last of the command's ``--config``
+            files, after its base in ``configs/base/`` if it has one).
+        train_command: the command that trained it (every stage's ``cryol fit``, with all its
+            ``--config`` files).
         wall_time: how long that took, and where (free text).
         box: training box (pixels), or None when unknown.
         pixel_size_range: ``(lo, hi)`` Angstrom per pixel of the training images, or None.

@@ -8,7 +8,8 @@ from cryo_lightning.cli import main
 from cryo_lightning.tasks.pretrained import MANIFEST_ENV
 
 ENTRY = {"name": "tiny-unet", "file": "tiny-unet.pt", "kind": "single-image", "description": "a test U-Net",
-         "config": "configs/denoise_unet_cpu.yaml", "train_command": "cryol fit --config configs/denoise_unet_cpu.yaml",
+         "config": "configs/denoise_unet_cpu.yaml",
+         "train_command": "cryol fit --config configs/base/denoise_synthetic_l32.yaml --config configs/denoise_unet_cpu.yaml",
          "wall_time": "2 min, 2 CPU cores", "box": 64, "pixel_size_range": [4.0, 6.0], "snr_range": [0.01, 0.25],
          "set_size": 1, "held_out": {"rel_mse": 0.512345, "molecules": 8}}
 
@@ -30,7 +31,8 @@ def test_models_table_and_json(tmp_path, monkeypatch, capsys):
     assert lines[2].split() == ["*", "tiny-unet", "single-image", "64", "4-6", "0.01-0.25", "1",
                                 "configs/denoise_unet_cpu.yaml"]
     assert lines[4].strip() == "held out: rel_mse 0.5123, molecules 8"
-    assert lines[5].strip() == "trained by: cryol fit --config configs/denoise_unet_cpu.yaml (2 min, 2 CPU cores)"
+    assert lines[5].strip() == ("trained by: cryol fit --config configs/base/denoise_synthetic_l32.yaml "
+                                "--config configs/denoise_unet_cpu.yaml (2 min, 2 CPU cores)")
     assert lines[6].split() == ["set-net", "set", "32", "6", "?", "32", "configs/denoise_unet_cpu.yaml"]
     main(["models", "--json"])
     listed = json.loads(capsys.readouterr().out)
