@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from denoise import ROOT, _as_sets, config_path, evaluate, load, summary, test_sets
-from cryo_lightning.abinitio.reconstruct import reconstruct
+from cryo_lightning.abinitio.least_squares_reconstruction import reconstruct
 from cryo_lightning.data.molecule_bank import MoleculeBank
 from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig
 from cryo_lightning.denoise.cwf import PopulationPrior, cwf_denoise

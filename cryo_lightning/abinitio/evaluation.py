@@ -5,7 +5,7 @@ raw data themselves determine:
 
 * **Moment consistency.** Denoised images ``d_i`` estimate the clean, CTF-affected particles
   ``x_i`` of raw images ``y_i = x_i + n_i``. Their first and second moments (no debiasing) should
-  then match the noise-debiased moments of the raw images (:mod:`~cryo_lightning.abinitio.moments`),
+  then match the noise-debiased moments of the raw images (:mod:`~cryo_lightning.abinitio.image_moments`),
   per CTF group and per angular block ``k`` of the steerable basis::
 
       r1   = ||M1[d] - M1[y]||_F / ||M1[y]||_F
@@ -21,7 +21,7 @@ raw data themselves determine:
   raw data do not support (hallucination, or leftover noise).
 
 * **Cross-validation FRC.** The particles are split into two half sets. A map is reconstructed
-  (least squares with known poses and CTFs, :func:`~cryo_lightning.abinitio.reconstruct.reconstruct`)
+  (least squares with known poses and CTFs, :func:`~cryo_lightning.abinitio.least_squares_reconstruction.reconstruct`)
   from the raw images of one half, projected with the CTFs and origins of the other half's
   particles, and each image of the other half (raw, and denoised) is compared with its predicted
   projection by the Fourier ring correlation; curves are averaged over images and over both
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from cryo_lightning.abinitio.moments import ImageMoments, moment_discrepancy, squared_norm
-from cryo_lightning.abinitio.reconstruct import forward_operator, reconstruct
+from cryo_lightning.abinitio.image_moments import ImageMoments, moment_discrepancy, squared_norm
+from cryo_lightning.abinitio.least_squares_reconstruction import forward_operator, reconstruct
 from cryo_lightning.metrics import frc_curve
 
 __all__ = ["MomentConsistency", "moment_consistency", "half_sets", "CrossValidationFRC", "cross_validation_frc"]
@@ -65,7 +65,7 @@ class MomentConsistency:
         m2_total_energy_ratio: ``tr M2[denoised] / tr M2[raw, debiased]`` over all kept blocks
             (NaN under the same condition).
         discrepancy: ``r1^2 + r2^2`` (all blocks), i.e.
-            :func:`~cryo_lightning.abinitio.moments.moment_discrepancy`; ``expected_discrepancy``
+            :func:`~cryo_lightning.abinitio.image_moments.moment_discrepancy`; ``expected_discrepancy``
             is the same sum of the squared relative sampling errors of the raw moments, about the
             discrepancy of exact denoised moments (an upper estimate, as for the ratios).
         group_counts: images per CTF group.
@@ -191,7 +191,7 @@ def cross_validation_frc(
         subsets: ``(n,)`` 1 or 2 (:func:`half_sets`); both halves must be non-empty.
         ctf: ``(n, L, L)`` effective CTFs of the images, or None.
         origins: ``(n, 2)`` RELION origins in pixels, or None.
-        lam, iterations: of :func:`~cryo_lightning.abinitio.reconstruct.reconstruct`.
+        lam, iterations: of :func:`~cryo_lightning.abinitio.least_squares_reconstruction.reconstruct`.
         chunk: images projected at a time (memory).
         progress: show a progress bar over the two half maps.
     Returns:

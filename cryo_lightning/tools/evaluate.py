@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from cryo_lightning.abinitio.evaluation import MomentConsistency, cross_validation_frc, half_sets, moment_consistency
-from cryo_lightning.abinitio.moments import MomentEstimator, MomentLayout, group_by_defocus
+from cryo_lightning.abinitio.image_moments import MomentEstimator, MomentLayout, group_by_defocus
 from cryo_lightning.data.particles import ParticleSource, metadata_batch, nonfinite_rows, without_nonfinite
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor, background_stats
 from cryo_lightning.io.atomic_write import atomic_path

@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from cryo_lightning.abinitio.class_average import class_averages
 from cryo_lightning.abinitio.common_lines import detect_common_lines
-from cryo_lightning.abinitio.moments import defocus_bins
-from cryo_lightning.abinitio.reconstruct import reconstruct
+from cryo_lightning.abinitio.image_moments import defocus_bins
+from cryo_lightning.abinitio.least_squares_reconstruction import reconstruct
 from cryo_lightning.abinitio.synchronization import estimate_rotations
 from cryo_lightning.data.particles import ParticleSource, metadata_batch
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
@@ -322,7 +322,7 @@ def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source:
                          pixel: float, paths: dict[str, Path], reference: str | None, opts: MomentOptions,
                          seed: int, overwrite: bool, learned: bool = False) -> ReconstructionReport:
     """``--method moments`` (or ``learned``): full and half-set moment fits, O(3)-aligned half maps, optional reference."""
-    from cryo_lightning.abinitio.mom import moments_reconstruct
+    from cryo_lightning.abinitio.moment_reconstruction import moments_reconstruct
     from cryo_lightning.abinitio.volume_alignment import align_volumes
     from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
     from cryo_lightning.physics.noise import estimate_noise_variance
