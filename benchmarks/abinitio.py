@@ -36,7 +36,7 @@ import torch
 
 from cryo_lightning.abinitio.class_average import class_averages
 from cryo_lightning.abinitio.common_lines import detect_common_lines
-from cryo_lightning.abinitio.reconstruct import reconstruct
+from cryo_lightning.abinitio.least_squares_reconstruction import reconstruct
 from cryo_lightning.abinitio.synchronization import estimate_rotations
 from cryo_lightning.denoise.cwf import cwf_denoise
 from cryo_lightning.physics.ctf import ctf_2d, phase_flip, random_ctf_params

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from denoise import ROOT, _as_sets, evaluate, fit_command, load, resolved_config, summary, test_sets
-from cryo_lightning.abinitio.reconstruct import reconstruct
+from cryo_lightning.abinitio.least_squares_reconstruction import reconstruct
 from cryo_lightning.data.molecule_bank import MoleculeBank
 from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig
 from cryo_lightning.denoise.cwf import PopulationPrior, cwf_denoise

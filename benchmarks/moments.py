@@ -7,7 +7,7 @@ k <= 3 and the same band limit, viewing distribution ``SHViewingDistribution.ran
 held-out molecule (``random_molecule`` with seed 1000, not used by any test).
 
 1. Forward model vs Monte Carlo: relative error of the empirical M1, M2 and M3 slice of N = 10^3, 10^4,
-   10^5 clean images (pixel pipeline of ``abinitio/moment_model.py``) against the model, with the
+   10^5 clean images (pixel pipeline of ``abinitio/moment_forward_model.py``) against the model, with the
    Monte-Carlo standard error predicted from the samples; the error should fall like 1/sqrt(N).
 2. Debiasing at SNR 0.3, 1/10 and 0.03 (``--snrs``): relative error of the debiased (and raw) M1,
    M2 and M3 against the model as N grows.
@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from cryo_lightning.abinitio.mom import fit_moments
-from cryo_lightning.abinitio.moment_model import MomentModel
+from cryo_lightning.abinitio.image_moments import ImageMoments, MomentEstimator, MomentLayout
+from cryo_lightning.abinitio.moment_forward_model import MomentModel
 from cryo_lightning.abinitio.moment_simulation import MomentSimulator
-from cryo_lightning.abinitio.moments import ImageMoments, MomentEstimator, MomentLayout
+from cryo_lightning.abinitio.moment_solver import fit_moments
 from cryo_lightning.abinitio.volume_alignment import align_volumes, aligned_fsc, transform_viewing
 from cryo_lightning.physics.ctf import CTFParams, ctf_2d
 from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from cryo_lightning.abinitio.mom import fit_moments, whiten_moments, whitening_scales
-from cryo_lightning.abinitio.moment_model import MomentModel
-from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout
+from cryo_lightning.abinitio.image_moments import ImageMoments, MomentLayout
+from cryo_lightning.abinitio.moment_forward_model import MomentModel
+from cryo_lightning.abinitio.moment_loss import whiten_moments, whitening_scales
+from cryo_lightning.abinitio.moment_solver import fit_moments
 from cryo_lightning.abinitio.volume_alignment import align_volumes
 from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
 from cryo_lightning.physics.viewing_sh import SHViewingDistribution

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from cryo_lightning.abinitio.mom import fit_moments
+from cryo_lightning.abinitio.moment_solver import fit_moments
 from cryo_lightning.abinitio.volume_alignment import align_volumes
 from cryo_lightning.data.moment_examples import MomentDataModule
 from cryo_lightning.tasks.learned_fit import LearnedFit
@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="ReconstructTask checkpoint (cryol fit)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="ReconstructorTask checkpoint (cryol fit)")
     p.add_argument("--molecules", type=int, default=4, help="held-out molecules (test bank)")
     p.add_argument("--n-images", nargs="+", default=["exact", "1000", "10000", "100000"],
                    help="'exact' or image counts for the moments")

@@ -6,7 +6,7 @@ raw data themselves determine:
 
 * **Moment consistency.** Denoised images ``d_i`` estimate the clean, CTF-affected particles
   ``x_i`` of raw images ``y_i = x_i + n_i``. Their first and second moments (no debiasing) should
-  then match the noise-debiased moments of the raw images (:mod:`~cryo_lightning.abinitio.moments`),
+  then match the noise-debiased moments of the raw images (:mod:`~cryo_lightning.abinitio.image_moments`),
   per CTF group and per angular block ``k`` of the steerable basis::
 
       r1   = ||M1[d] - M1[y]||_F / ||M1[y]||_F
@@ -22,7 +22,7 @@ raw data themselves determine:
   raw data do not support (hallucination, or leftover noise).
 
 * **Cross-validation FRC.** The particles are split into two half sets. A map is reconstructed
-  (least squares with known poses and CTFs, :func:`~cryo_lightning.abinitio.reconstruct.reconstruct`)
+  (least squares with known poses and CTFs, :func:`~cryo_lightning.abinitio.least_squares_reconstruction.reconstruct`)
   from the raw images of one half, projected with the CTFs and origins of the other half's
   particles, and each image of the other half (raw, and denoised) is compared with its predicted
   projection by the Fourier ring correlation; curves are averaged over images and over both
@@ -43,8 +43,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cryo_lightning.abinitio.moments import ImageMoments, MomentEstimator, MomentLayout, moment_discrepancy, squared_norm
-from cryo_lightning.abinitio.reconstruct import forward_operator, reconstruct
+from cryo_lightning.abinitio.image_moments import (ImageMoments, MomentEstimator, MomentLayout, moment_discrepancy,
+                                                  squared_norm)
+from cryo_lightning.abinitio.least_squares_reconstruction import forward_operator, reconstruct
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import read_map, require_cubic
 from cryo_lightning.metrics import frc_curve
@@ -71,7 +72,7 @@ class MomentConsistency:
         m2_total_energy_ratio: ``tr M2[denoised] / tr M2[raw, debiased]`` over all kept blocks
             (NaN under the same condition).
         discrepancy: ``r1^2 + r2^2`` (all blocks), i.e.
-            :func:`~cryo_lightning.abinitio.moments.moment_discrepancy`; ``expected_discrepancy``
+            :func:`~cryo_lightning.abinitio.image_moments.moment_discrepancy`; ``expected_discrepancy``
             is the same sum of the squared relative sampling errors of the raw moments, about the
             discrepancy of exact denoised moments (an upper estimate, as for the ratios).
         group_counts: images per CTF group.
@@ -172,8 +173,8 @@ def image_moment_consistency(raw: torch.Tensor, denoised: torch.Tensor, noise_va
         raw, denoised: ``(n, L, L)`` the same particles in the same units.
         noise_variance: ``(n,)`` the raw images' noise variance in those units.
         groups: ``(n,)`` CTF group of each image (``0..n_groups-1``), or None for one group.
-        n_groups, k_max, bandlimit: see :class:`~cryo_lightning.abinitio.moments.MomentLayout`
-            and :class:`~cryo_lightning.abinitio.moments.MomentEstimator`.
+        n_groups, k_max, bandlimit: see :class:`~cryo_lightning.abinitio.image_moments.MomentLayout`
+            and :class:`~cryo_lightning.abinitio.image_moments.MomentEstimator`.
     """
     layout = MomentLayout(raw.shape[-1], k_max, bandlimit, device=raw.device)
     raw_est, den_est = MomentEstimator(layout, n_groups), MomentEstimator(layout, n_groups)
@@ -220,7 +221,7 @@ def cross_validation_frc(
         subsets: ``(n,)`` 1 or 2 (:func:`half_sets`); both halves must be non-empty.
         ctf: ``(n, L, L)`` effective CTFs of the images, or None.
         origins: ``(n, 2)`` RELION origins in pixels, or None.
-        lam, iterations: of :func:`~cryo_lightning.abinitio.reconstruct.reconstruct`.
+        lam, iterations: of :func:`~cryo_lightning.abinitio.least_squares_reconstruction.reconstruct`.
         chunk: images projected at a time (memory).
         progress: show a progress bar over the two half maps.
     Returns:

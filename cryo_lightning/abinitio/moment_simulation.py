@@ -1,6 +1,6 @@
 """Simulated particle images of an SFB volume, streamed into image moments (training data, benchmarks).
 
-Images follow the pixel pipeline of :mod:`~cryo_lightning.abinitio.moment_model`
+Images follow the pixel pipeline of :mod:`~cryo_lightning.abinitio.moment_forward_model`
 (``Re ifft2c(H V_hat(A^T (xi, 0)))``) and are linear in the rotated coefficients, so each CTF
 group's identity-pose slices of the unit coefficient vectors are tabulated once
 (``(count, L, L)`` float64 per group) and an image at pose ``A`` is
@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
-from cryo_lightning.abinitio.moment_model import slice_images
-from cryo_lightning.abinitio.moments import ImageMoments, MomentEstimator, MomentLayout
+from cryo_lightning.abinitio.image_moments import ImageMoments, MomentEstimator, MomentLayout
+from cryo_lightning.abinitio.moment_forward_model import slice_images
 from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
 from cryo_lightning.physics.noise import signal_power
 

@@ -1,7 +1,7 @@
 """O(3) alignment of SFB coefficient vectors: grid search over SO(3), local refinement, mirror.
 
 A method-of-moments reconstruction is determined only up to a rotation and the mirror
-``J = diag(1, 1, -1)`` (:mod:`cryo_lightning.abinitio.mom`). The transformation applied to an
+``J = diag(1, 1, -1)`` (:mod:`cryo_lightning.abinitio.moment_solver`). The transformation applied to an
 estimate ``e`` is ``T(e) = rotate(J? e, R)``: first the optional mirror
 (:meth:`~SphericalFourierBesselBasis.reflect`, axis ``z``), then ``V(x) -> V(R^T x)``. The
 viewing distribution follows the volume: :func:`transform_viewing` applies the same ``T`` to its

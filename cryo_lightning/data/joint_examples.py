@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from cryo_lightning.abinitio.mom import uniform_view_start
-from cryo_lightning.abinitio.moments import ImageMoments, MomentEstimator
+from cryo_lightning.abinitio.image_moments import ImageMoments, MomentEstimator
+from cryo_lightning.abinitio.moment_solver import uniform_view_start
 from cryo_lightning.data.molecule_bank import SPLITS, derive_seed
 from cryo_lightning.data.moment_examples import MomentDataModule
 from cryo_lightning.physics.noise import signal_power

@@ -10,7 +10,7 @@ uniform viewing distribution (rotation invariant, so the start's law is too). Ev
 of example ``i`` of a split is seeded by ``(seed, split, epoch, i)``: the same in every process.
 
 The datamodule also owns the physics the task needs (the moment forward model for the loss,
-the basis for O(3) alignment), so that :mod:`~cryo_lightning.tasks.reconstruct` holds none.
+the basis for O(3) alignment), so that :mod:`~cryo_lightning.tasks.reconstructor` holds none.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cryo_lightning.abinitio.mom import moment_loss, uniform_view_start
-from cryo_lightning.abinitio.moment_model import MomentModel
+from cryo_lightning.abinitio.image_moments import ImageMoments, MomentLayout
+from cryo_lightning.abinitio.moment_forward_model import MomentModel
+from cryo_lightning.abinitio.moment_loss import moment_loss
 from cryo_lightning.abinitio.moment_simulation import MomentSimulator
-from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout
+from cryo_lightning.abinitio.moment_solver import uniform_view_start
 from cryo_lightning.abinitio.volume_alignment import align_volumes
 from cryo_lightning.data.molecule_bank import SPLITS, MoleculeBank, derive_seed
 from cryo_lightning.physics.ctf import CTFParams, ctf_2d

@@ -2,7 +2,7 @@
 
 Moments of noisy images pin a volume down only loosely: the minimiser of the moment loss lies
 off the truth even when the fit starts at it, because many directions of the coefficient space
-barely change the moments (mom.py, identifiability). A prior fitted to the training molecules
+barely change the moments (abinitio/moment_solver.py, identifiability). A prior fitted to the training molecules
 fills them in (docs/benchmarks.md: learned reconstructor).
 
 The prior is the O(3)-invariant Gaussian closest to the bank: per degree ``l`` a radial

@@ -26,7 +26,7 @@ The project's real harmonics are e3nn's in a permuted frame (``physics/spherical
 without any change of basis; ``tests/models/test_reconstructor.py`` pins this.
 
 The loss is injected (``loss_fn(a, b) -> scalar``, e.g. a closure over
-:func:`~cryo_lightning.abinitio.mom.moment_loss` and target moments), so this module holds no
+:func:`~cryo_lightning.abinitio.moment_loss.moment_loss` and target moments), so this module holds no
 physics. Gradients enter as features and are not differentiated through (first-order unrolling),
 which keeps training cost at ``K`` loss gradients per example.
 """

@@ -1,8 +1,13 @@
-"""Loading the weights of one network out of a ``cryol fit`` task checkpoint."""
+"""Reading ``cryol fit`` task checkpoints: the weights of one network, and the task that wrote them
+(old checkpoints of renamed tasks included, :data:`RENAMED_TASKS`)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import pickle
+import sys
+import types
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -12,11 +17,16 @@ from torch import nn
 
 from cryo_lightning.io.errors import InputError, path_problem
 
-__all__ = ["DENOISER_PREFIXES", "RECONSTRUCTOR_PREFIXES", "read_checkpoint", "task_name", "load_task_weights"]
+__all__ = ["DENOISER_PREFIXES", "RECONSTRUCTOR_PREFIXES", "RENAMED_TASKS", "read_checkpoint", "task_name",
+           "current_task_name", "alias_renamed_tasks", "load_task_weights"]
 
-# where each task keeps the network: DenoiseTask/ReconstructTask `net`, JointTask `denoiser`/`reconstructor`
+# where each task keeps the network: DenoiseTask/ReconstructorTask `net`, JointTask `denoiser`/`reconstructor`
 DENOISER_PREFIXES = ("net", "denoiser")
 RECONSTRUCTOR_PREFIXES = ("net", "reconstructor")
+# tasks renamed since checkpoints recorded them: the class path an old checkpoint holds -> the current one
+RENAMED_TASKS = {
+    "cryo_lightning.tasks.reconstruct.ReconstructTask": "cryo_lightning.tasks.reconstructor.ReconstructorTask",
+}
 
 
 def read_checkpoint(path: str | Path, option: str = "--ckpt", mmap: bool = True) -> dict[str, Any]:
@@ -63,6 +73,44 @@ def read_checkpoint(path: str | Path, option: str = "--ckpt", mmap: bool = True)
 def task_name(checkpoint: dict[str, Any]) -> str:
     """The task class a checkpoint was written by (e.g. ``"DenoiseTask"``; ``""`` if unrecorded)."""
     return str(checkpoint.get("hyper_parameters", {}).get("_class_path", "")).rsplit(".", 1)[-1]
+
+
+def current_task_name(checkpoint: dict[str, Any]) -> str:
+    """:func:`task_name` under the class's current name (:data:`RENAMED_TASKS` applied)."""
+    stored = str(checkpoint.get("hyper_parameters", {}).get("_class_path", ""))
+    return RENAMED_TASKS.get(stored, stored).rsplit(".", 1)[-1]
+
+
+def alias_renamed_tasks() -> None:
+    """Let the class paths that old checkpoints record resolve to the renamed task classes.
+
+    ``load_from_checkpoint`` and ``cryol fit --ckpt_path`` (LightningCLI) look up a checkpoint's
+    ``_class_path``. For each entry of :data:`RENAMED_TASKS` whose old module is gone, this puts a
+    stand-in for that module into ``sys.modules`` whose old class name gives the current class
+    (imported on first use). Calling it again changes nothing.
+    """
+    for old, new in RENAMED_TASKS.items():
+        old_module, old_name = old.rsplit(".", 1)
+        if old_module not in sys.modules and importlib.util.find_spec(old_module) is not None:
+            continue  # the old module still exists
+        stand_in = sys.modules.setdefault(old_module, _RenamedTasks(old_module))
+        if isinstance(stand_in, _RenamedTasks):
+            stand_in.renamed[old_name] = new
+
+
+class _RenamedTasks(types.ModuleType):
+    """Stands in for a module that renamed tasks left: its old class names give the current classes."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, "renamed task classes, for old checkpoints")
+        self.renamed: dict[str, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        renamed = self.__dict__.get("renamed", {})
+        if name not in renamed:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+        module, cls = renamed[name].rsplit(".", 1)
+        return getattr(importlib.import_module(module), cls)
 
 
 def load_task_weights(module: nn.Module, path: str | Path, prefixes: tuple[str, ...], option: str) -> dict[str, Any]:

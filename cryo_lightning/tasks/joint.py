@@ -10,11 +10,11 @@ Losses (weights in brackets, each a relative error so that they share one scale)
 
 - ``image`` [``image_weight``]: ``||denoised - clean||^2 / ||clean||^2`` (synthetic data only);
 - ``volume`` [``volume_weight``]: the O(3)-aligned relative volume error of
-  :class:`~cryo_lightning.tasks.reconstruct.ReconstructTask`;
+  :class:`~cryo_lightning.tasks.reconstructor.ReconstructorTask`;
 - ``moment`` [``moment_weight``]: the invariant moment loss of the output volume against the
   denoised images' moments, held fixed (it trains the reconstructor: letting it move the
   denoised moments towards the output would reward the denoiser for agreeing with a wrong map);
-- ``consistency`` [``consistency_weight``]: :func:`~cryo_lightning.abinitio.moments.moment_discrepancy`
+- ``consistency`` [``consistency_weight``]: :func:`~cryo_lightning.abinitio.image_moments.moment_discrepancy`
   of ``M1`` and ``M2`` between the denoised images and the noise-debiased raw images: a denoiser
   may lower the variance of the moments but not shift them (needs no clean image). The ``M3``
   slice is left out: from a few hundred images at low SNR its debiased estimate is mostly
@@ -26,7 +26,7 @@ the reconstructor alone on the (fixed) denoiser's moments, and then both train t
 every loss, the volume loss reaching the denoiser through the moments (the reconstructor's loss
 gradients are kept differentiable in the target moments). With pretrained checkpoints
 (``denoiser_ckpt`` from a :class:`~cryo_lightning.tasks.denoise.DenoiseTask` run,
-``reconstructor_ckpt`` from a ``ReconstructTask`` run) both stages can be 0.
+``reconstructor_ckpt`` from a ``ReconstructorTask`` run) both stages can be 0.
 
 Validation logs the image relative MSE (and that of the noisy input), the aligned volume error
 of the pipeline, and, as the reference, the volume error of the same reconstructor fed the
@@ -45,8 +45,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from cryo_lightning.abinitio.mom import power_matched_start
-from cryo_lightning.abinitio.moments import ImageMoments, moment_discrepancy
+from cryo_lightning.abinitio.image_moments import ImageMoments, moment_discrepancy
+from cryo_lightning.abinitio.moment_solver import power_matched_start
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.models.reconstructor import MomentReconstructor
 from cryo_lightning.tasks.checkpoints import DENOISER_PREFIXES, RECONSTRUCTOR_PREFIXES, load_task_weights

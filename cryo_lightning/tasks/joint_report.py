@@ -8,7 +8,7 @@ bank (never seen in training or validation), twice per molecule:
   (the classical input, for reference),
 
 each then finished by the MAP polish of ``cryol reconstruct --method learned``
-(:func:`~cryo_lightning.abinitio.mom.map_polish` with the reconstructor's learned coefficient
+(:func:`~cryo_lightning.abinitio.moment_solver.map_polish` with the reconstructor's learned coefficient
 prior) against the noise-debiased raw moments in both routes: denoised images' moments are
 shrunk (a denoiser removes what it cannot resolve), so fitting them to convergence would fit
 that bias, while the debiased moments are unbiased; the denoiser's part is the better start it
@@ -34,10 +34,10 @@ import lightning.pytorch as pl
 import torch
 from tqdm import tqdm
 
-from cryo_lightning.io.json_text import json_text
-from cryo_lightning.abinitio.mom import map_polish
+from cryo_lightning.abinitio.moment_solver import map_polish
 from cryo_lightning.abinitio.volume_alignment import aligned_fsc
 from cryo_lightning.io.atomic_write import atomic_path
+from cryo_lightning.io.json_text import json_text
 from cryo_lightning.io.mrc import write_map
 from cryo_lightning.physics.fourier import resolution_at
 from cryo_lightning.plots import fsc_plot, save_grid_png

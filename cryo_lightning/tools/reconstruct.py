@@ -17,10 +17,10 @@ and ``map_fsc.json`` (FSC between half maps, and against ``--reference`` when gi
 ``--method moments`` needs no per-particle pose: it estimates the CTF-grouped, noise-debiased
 image moments (M1, M2 and the third-moment slice; noise variance from each particle's
 background) and fits a spherical Fourier-Bessel volume and a viewing distribution to them
-(abinitio/mom.py). Half maps are fitted separately and aligned onto the full map over O(3)
+(abinitio/moment_reconstruction.py). Half maps are fitted separately and aligned onto the full map over O(3)
 before their FSC; no STAR is written (there are no poses), and the fitted viewing distribution
 goes into the JSON report. ``--method learned --checkpoint last.ckpt`` does the same with a
-trained reconstructor network (tasks/reconstruct.py) in place of the random starts, then a short
+trained reconstructor network (tasks/reconstructor.py) in place of the random starts, then a short
 polish of the moment misfit plus the network's learned prior on the coefficients (weighted by
 the moments' sampling error), and basin hops only if the misfit stays above the sampling error.
 
@@ -45,8 +45,8 @@ import torch
 
 from cryo_lightning.abinitio.class_average import class_averages
 from cryo_lightning.abinitio.common_lines import detect_common_lines
-from cryo_lightning.abinitio.moments import defocus_bins
-from cryo_lightning.abinitio.reconstruct import reconstruct
+from cryo_lightning.abinitio.image_moments import defocus_bins
+from cryo_lightning.abinitio.least_squares_reconstruction import reconstruct
 from cryo_lightning.abinitio.synchronization import estimate_rotations
 from cryo_lightning.data.particles import ParticleSource, metadata_batch, preprocessed_chunks
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
@@ -150,7 +150,7 @@ def reconstruct_particles(
     if method in ("moments", "learned") and class_average:
         raise InputError(f"--class-average does not apply to --method {method} (moments use every particle)")
     if method == "learned" and not (moments and moments.checkpoint):
-        raise InputError("--method learned needs --checkpoint: a ReconstructTask checkpoint from "
+        raise InputError("--method learned needs --checkpoint: a ReconstructorTask checkpoint from "
                          "`cryol fit --config configs/reconstructor_cpu.yaml` (runs/.../checkpoints/last.ckpt)")
     dev = pick_device(device)
     out_map = Path(out)
@@ -262,7 +262,7 @@ def reconstruct_particles(
 
 @dataclass
 class MomentOptions:
-    """Settings of ``--method moments`` (see :func:`~cryo_lightning.abinitio.mom.moments_reconstruct`)."""
+    """Settings of ``--method moments`` (see :func:`~cryo_lightning.abinitio.moment_reconstruction.moments_reconstruct`)."""
 
     l_max: int = 3
     bandlimit: float = 0.25
@@ -298,7 +298,7 @@ def _reconstruct_moments(images: torch.Tensor, ctf: torch.Tensor | None, source:
                          pixel: float, paths: dict[str, Path], reference: str | None, opts: MomentOptions,
                          seed: int, overwrite: bool, learned: bool = False) -> ReconstructionReport:
     """``--method moments`` (or ``learned``): full and half-set moment fits, O(3)-aligned half maps, optional reference."""
-    from cryo_lightning.abinitio.mom import moments_reconstruct
+    from cryo_lightning.abinitio.moment_reconstruction import moments_reconstruct
     from cryo_lightning.abinitio.volume_alignment import align_volumes
     from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
     from cryo_lightning.physics.noise import estimate_noise_variance
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--newton", type=NonNegativeInt, default=20,
                    help="moments, learned: damped Newton steps that finish the fit (0: none); each costs one Hessian")
     p.add_argument("--checkpoint", type=str | None, default=None,
-                   help="learned: ReconstructTask checkpoint (box, l_max, band limit and viewing degree come from it)")
+                   help="learned: ReconstructorTask checkpoint (box, l_max, band limit and viewing degree come from it)")
     p.add_argument("--polish", type=NonNegativeInt, default=200,
                    help="learned: L-BFGS iterations of the MAP moment loss after the network (0: network only)")
     p.add_argument("--prior-strength", type=float, default=0.1,

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from cryo_lightning.abinitio.moment_model import MomentModel, slice_images
+from cryo_lightning.abinitio.image_moments import MomentLayout
+from cryo_lightning.abinitio.moment_forward_model import MomentModel, slice_images
 from cryo_lightning.abinitio.moment_simulation import MomentSimulator
-from cryo_lightning.abinitio.moments import MomentLayout
 from cryo_lightning.physics.ctf import CTFParams, ctf_2d
 from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
 from cryo_lightning.physics.noise import signal_power

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cryo_lightning.abinitio.moments import estimate_moments
+from cryo_lightning.abinitio.image_moments import estimate_moments
 from cryo_lightning.data.joint_examples import JointDataModule
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cryo_lightning.abinitio.mom import moment_loss
+from cryo_lightning.abinitio.moment_loss import moment_loss
 from cryo_lightning.data.moment_examples import MomentDataModule
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cryo_lightning.abinitio.mom import moment_loss
-from cryo_lightning.abinitio.moment_model import MomentModel
-from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout
+from cryo_lightning.abinitio.image_moments import ImageMoments, MomentLayout
+from cryo_lightning.abinitio.moment_forward_model import MomentModel
+from cryo_lightning.abinitio.moment_loss import moment_loss
 from cryo_lightning.abinitio.volume_alignment import transform_viewing
 from cryo_lightning.models.reconstructor import MomentReconstructor, viewing_irreps
 from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis

@@ -112,10 +112,10 @@ def test_pretrained_checkpoints_load_and_mismatches_are_refused(tmp_path):
 
 
 def test_configure_model_starts_from_a_reconstruct_task_checkpoint_and_checks_its_setting(tmp_path):
-    from cryo_lightning.tasks.reconstruct import ReconstructTask
+    from cryo_lightning.tasks.reconstructor import ReconstructorTask
 
     dm = _dm()
-    pretrained = ReconstructTask(steps=2, channels=4, net_irreps=dm.volume_irreps, net_view_degree=dm.view_degree)
+    pretrained = ReconstructorTask(steps=2, channels=4, net_irreps=dm.volume_irreps, net_view_degree=dm.view_degree)
     torch.save({"state_dict": pretrained.state_dict(), "hyper_parameters": dict(pretrained.hparams)},
                tmp_path / "reconstructor.ckpt")
     task = JointTask(DnCNN(depth=3, channels=8), steps=2, channels=4,

@@ -103,11 +103,11 @@ def test_real_stack_with_class_averages_runs_end_to_end(shared_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def reconstructor_checkpoint(tmp_path_factory):
-    """A ReconstructTask checkpoint trained for two examples (box 16, l_max 2, no CTF) and its datamodule."""
+    """A ReconstructorTask checkpoint trained for two examples (box 16, l_max 2, no CTF) and its datamodule."""
     import lightning.pytorch as pl
 
     from cryo_lightning.data.moment_examples import MomentDataModule
-    from cryo_lightning.tasks.reconstruct import ReconstructTask
+    from cryo_lightning.tasks.reconstructor import ReconstructorTask
 
     tmp_path = tmp_path_factory.mktemp("reconstructor")
     pl.seed_everything(0)
@@ -115,7 +115,7 @@ def reconstructor_checkpoint(tmp_path_factory):
                           n_val_molecules=1, train_examples=2, val_examples=1, defocus_um=[])
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
-    trainer.fit(ReconstructTask(steps=2, channels=4), datamodule=dm)
+    trainer.fit(ReconstructorTask(steps=2, channels=4), datamodule=dm)
     ckpt = tmp_path / "reconstructor.ckpt"
     trainer.save_checkpoint(ckpt)
     return ckpt, dm
@@ -125,38 +125,60 @@ def test_learned_fit_weighs_the_prior_by_the_sampling_error(reconstructor_checkp
     """Noisy moments: one MAP polish with weight strength * eps; exact moments: no prior, then the whitened endgame."""
     import torch
 
-    from cryo_lightning.abinitio import mom
+    from cryo_lightning.abinitio import moment_solver
+    from cryo_lightning.abinitio.moment_loss import expected_misfit, moment_loss
     from cryo_lightning.data.moment_examples import MomentDataModule
     from cryo_lightning.tasks.learned_fit import LearnedFit
 
     ckpt, dm = reconstructor_checkpoint
     calls = []
-    real = mom.fit_moments
+    real = moment_solver.fit_moments
 
     def recording(*args, **kwargs):
         result = real(*args, **kwargs)
         calls.append({**kwargs, "result": result})
         return result
 
-    monkeypatch.setattr(mom, "fit_moments", recording)
+    monkeypatch.setattr(moment_solver, "fit_moments", recording)
     fit = LearnedFit(str(ckpt), polish=30, prior_strength=0.5, hops=1, newton=2)
     noisy_dm = MomentDataModule(**{**dict(dm.hparams), "n_images": 2000, "snr": 0.5})
     noisy = noisy_dm.example("val", 0, 0)
     a, b, loss = fit.reconstruct(noisy_dm.moment_model, noisy["moments"], torch.Generator().manual_seed(0))
-    eps = mom.expected_misfit(noisy["moments"], use_m3=True)
+    eps = expected_misfit(noisy["moments"], use_m3=True)
     assert eps > 0 and calls[0]["prior_weight"] == pytest.approx(0.5 * eps)
     assert calls[0]["init"] is not None and not calls[0].get("whiten", False)
     polished = calls[0]["result"]
-    first = float(mom.moment_loss(noisy_dm.moment_model, polished.coeffs, polished.view_coeffs, noisy["moments"],
-                                  use_m3=True))
+    first = float(moment_loss(noisy_dm.moment_model, polished.coeffs, polished.view_coeffs, noisy["moments"],
+                              use_m3=True))
     assert len(calls) == (1 if first <= 2 * eps else 2)  # the endgame only if the polish left too much misfit
-    misfit = float(mom.moment_loss(noisy_dm.moment_model, a, b, noisy["moments"], use_m3=True))
+    misfit = float(moment_loss(noisy_dm.moment_model, a, b, noisy["moments"], use_m3=True))
     assert loss == pytest.approx(misfit + 0.5 * eps * float(fit.task.net.prior.energy(a)), rel=1e-9)
     calls.clear()
     exact = dm.example("val", 0, 0)
     fit.reconstruct(dm.moment_model, exact["moments"], torch.Generator().manual_seed(0))
     assert [c["prior_weight"] for c in calls] == [0.0, 0.0]
     assert calls[1]["whiten"] and calls[1]["hops"] == 1 and calls[1]["newton"] == 2
+
+
+def test_learned_fit_loads_a_checkpoint_of_the_old_task_name(reconstructor_checkpoint, tmp_path):
+    """Runs from before the rename recorded ``cryo_lightning.tasks.reconstruct.ReconstructTask`` (LightningCLI)."""
+    import torch
+
+    from cryo_lightning.tasks.checkpoints import current_task_name, task_name
+    from cryo_lightning.tasks.learned_fit import LearnedFit
+    from cryo_lightning.tasks.reconstructor import ReconstructorTask
+
+    ckpt, _ = reconstructor_checkpoint
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"].update(_class_path="cryo_lightning.tasks.reconstruct.ReconstructTask",
+                                          _instantiator="lightning.pytorch.cli.instantiate_module")
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    assert task_name(checkpoint) == "ReconstructTask" and current_task_name(checkpoint) == "ReconstructorTask"
+    old, new = LearnedFit(str(tmp_path / "old.ckpt")), LearnedFit(str(ckpt))
+    assert type(old.task) is ReconstructorTask
+    weights = new.task.state_dict()
+    assert old.task.state_dict().keys() == weights.keys()
+    assert all(torch.equal(value, weights[key]) for key, value in old.task.state_dict().items())
 
 
 def test_learned_method_loads_a_reconstructor_checkpoint(simulated, reconstructor_checkpoint, tmp_path, capsys):

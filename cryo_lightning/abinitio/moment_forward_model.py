@@ -10,7 +10,7 @@ the Fourier-slice theorem for the band-limited volume (it agrees with
 :func:`~cryo_lightning.physics.projection.project` of the voxel map ``basis.evaluate(a)`` up to
 that projector's interpolation error). Because ``V_hat(A^T k)`` is the spectrum of the rotated
 volume, whose coefficients are ``rotate(a, A)`` exactly, the image coefficients in the
-:class:`~cryo_lightning.abinitio.moments.MomentLayout` are::
+:class:`~cryo_lightning.abinitio.image_moments.MomentLayout` are::
 
     c(A) = P_H rotate(a, A),    P_H = expand o Re ifft2c o (H *) o slice_{kz = 0}   (complex matrix)
 
@@ -43,14 +43,14 @@ so it is a combination of ``D^J(A)[0, :]``, i.e. of spherical harmonics of ``v``
 
     M1 = sum_j (w_j / 4 pi) rho(v_j) E_psi[c](v_j),     M2_k = sum_j (w_j / 4 pi) rho(v_j) E_psi[c_k c_k^H](v_j).
 
-Third-moment slice (optional, :class:`~cryo_lightning.abinitio.moments.MomentLayout` block
+Third-moment slice (optional, :class:`~cryo_lightning.abinitio.image_moments.MomentLayout` block
 ``k = 0`` times ``c_k c_k^H``): ``E_psi[c_0t c c^H] = sum_{m1 + m2 = m3} z_{m1,0t} z_{m2} z_{m3}^H``.
 Only ``m1 = 0 mod 4`` can reach block ``k = 0`` (the grid aliases modulo 4), so the sum runs over
 those. Its integrand has degree ``<= 3 l_max`` in ``v``, so the quadrature degree becomes
 ``3 l_max + 2h`` when the model is built with ``third=True``.
 
 CTF groups: one ``P_H`` per group; moments are returned per group (``(G, ...)``), to be compared
-with :class:`~cryo_lightning.abinitio.moments.ImageMoments` of the same groups. ``rho`` is
+with :class:`~cryo_lightning.abinitio.image_moments.ImageMoments` of the same groups. ``rho`` is
 linear in ``b`` (viewing-distribution coefficients of
 :class:`~cryo_lightning.physics.viewing_sh.SHViewingDistribution`), ``M1`` is bilinear in
 ``(a, b)`` and ``M2`` quadratic in ``a`` and linear in ``b``; everything is differentiable.
@@ -62,7 +62,7 @@ import math
 
 import torch
 
-from cryo_lightning.abinitio.moments import MomentLayout
+from cryo_lightning.abinitio.image_moments import MomentLayout
 from cryo_lightning.physics.fourier import frequency_grid, ifft2c
 from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
 from cryo_lightning.physics.rotations import directions_to_rotations
@@ -111,7 +111,7 @@ class MomentModel:
         layout: image basis of the moments.
         view_degree: ``2h``, even degree of the viewing distribution.
         ctfs: ``(G, L, L)`` centred real CTFs of the groups (e.g. ``ctf_2d`` of the
-            representatives of :func:`~cryo_lightning.abinitio.moments.group_by_defocus`);
+            representatives of :func:`~cryo_lightning.abinitio.image_moments.group_by_defocus`);
             ``None`` for one group without CTF.
         device: where the tables live (default: the layout's device).
         third: also model the third-moment slice (:meth:`with_third`); raises the quadrature
@@ -233,7 +233,7 @@ class MomentModel:
                 normalised density).
         Returns:
             ``m1 (G, n_img)`` and, per ``k``, ``m2_k (G, Q_k, Q_k)``, complex, per CTF group; the
-            same representation as :class:`~cryo_lightning.abinitio.moments.ImageMoments`.
+            same representation as :class:`~cryo_lightning.abinitio.image_moments.ImageMoments`.
         """
         m1, m2, _ = self._moments(a, b, third=False)
         return m1, m2
@@ -244,7 +244,7 @@ class MomentModel:
         Returns:
             ``m1``, ``m2`` as :meth:`__call__`, and per ``k`` ``m3_k (G, Q_0, Q_k, Q_k)``
             complex, ``m3_k[g, t] = E[c_0t c_k c_k^H]`` (the layout of
-            :class:`~cryo_lightning.abinitio.moments.ImageMoments`).
+            :class:`~cryo_lightning.abinitio.image_moments.ImageMoments`).
         """
         if not self.third:
             raise ValueError("this MomentModel was built without third=True (its quadrature is not exact for M3)")

@@ -1,18 +1,12 @@
-"""Classical method-of-moments reconstruction: weighted non-convex least squares on ``(M1, M2, M3)``.
+"""Classical method-of-moments solver: weighted non-convex least squares on ``(M1, M2, M3)``.
 
 Unknowns: the volume's SFB coefficients ``a`` and the viewing distribution's even-degree
-coefficients ``b`` (``b_00 = 1`` fixed, so only ``b_lm, l >= 2`` are free). Loss (per CTF group
-``g`` with image fraction ``w_g``; norms Frobenius over all blocks)::
-
-    L(a, b) = sum_g w_g ||M1_g(a, b) - M1hat_g||^2 / ||M1hat||^2
-            + sum_g w_g ||M2_g(a, b) - M2hat_g||^2 / ||M2hat||^2
-            + mu * mean_j relu(-rho(u_j))^2                     (rho >= 0 on a sphere grid)
-
-with ``||M||^2 = sum_g w_g ||M_g||^2``, plus optionally the same relative misfit of the
-third-moment slice ``M3_k[t] = E[c_0t c_k c_k^H]`` (:mod:`~cryo_lightning.abinitio.moments`).
+coefficients ``b`` (``b_00 = 1`` fixed). The loss ``L(a, b)``, relative moment misfit plus a
+positivity penalty on the viewing density, is that of :mod:`~cryo_lightning.abinitio.moment_loss`.
 Stages (DESIGN section 4.5; the subspace method of moments marches the same way): ``M1`` alone,
 then ``M1 + M2``, then ``M1 + M2 + M3``, and optionally a last stage on whitened moments (every
-index scaled by ``1 / sqrt(E|c_i|^2)``, :func:`whitening_scales`, so that high radial
+index scaled by ``1 / sqrt(E|c_i|^2)``,
+:func:`~cryo_lightning.abinitio.moment_loss.whitening_scales`, so that high radial
 frequencies count), each by L-BFGS (strong Wolfe line search) in float64, from several random
 starts; the start with the lowest final loss wins. The moments are invariant under a joint rotation of
 ``(a, b)`` and under the mirror ``(a, b) -> (reflect(a), reflect(b))``, so the answer is
@@ -48,8 +42,9 @@ Priors (MAP). With noisy moments the minimiser of ``L`` is itself off the truth,
 determined directions (fits started at the true ``(a, b)`` drift away).
 ``fit_moments(prior=E, prior_weight=lam)`` minimises ``L + lam E(a)`` instead, ``E`` a negative log prior density (the learned reconstructor's
 :class:`~cryo_lightning.models.coefficient_prior.CoefficientPrior`). The data term's noise
-scale is :func:`expected_misfit`, the value ``L`` takes at the truth on average, computed from the
-moments' sampling errors, so ``lam`` is set in its units and vanishes for exact moments.
+scale is :func:`~cryo_lightning.abinitio.moment_loss.expected_misfit`, the value ``L`` takes at
+the truth on average, computed from the moments' sampling errors, so ``lam`` is set in its units
+and vanishes for exact moments.
 
 Newton polish (``newton > 0``). Near the minimum the loss is badly conditioned (at the truth, from
 exact moments at ``L = 16``, ``l_max = 2``: Hessian eigenvalues from about 6e2 down to 2e-5 besides
@@ -70,104 +65,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from cryo_lightning.abinitio.moment_model import MomentModel
-from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout, estimate_moments, squared_norm
-from cryo_lightning.physics.fourier_bessel import SFBLayout, SphericalFourierBesselBasis
+from cryo_lightning.abinitio.image_moments import ImageMoments
+from cryo_lightning.abinitio.moment_forward_model import MomentModel
+from cryo_lightning.abinitio.moment_loss import expected_misfit, moment_loss, whitening_scales
+from cryo_lightning.physics.fourier_bessel import SFBLayout
 from cryo_lightning.physics.spherical_harmonics import sphere_quadrature
 from cryo_lightning.physics.viewing_sh import SHViewingDistribution
 
-__all__ = ["moment_loss", "whiten_moments", "power_matched_start", "uniform_view_start", "moment_problem",
-           "whitening_scales", "expected_misfit", "MomResult", "hop_blocks", "newton_polish", "fit_moments",
-           "moments_reconstruct", "map_polish"]
-
-
-def moment_loss(
-    model: MomentModel,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    target: ImageMoments,
-    use_m2: bool = True,
-    m2_weight: float = 1.0,
-    use_m3: bool = False,
-    m3_weight: float = 1.0,
-    scales: list[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Relative moment misfit ``L(a, b)`` of the module docstring, without the positivity term.
-
-    Args:
-        model: forward model whose CTF groups match ``target``'s (built with ``third=True``
-            for ``use_m3``).
-        a: ``(count,)`` SFB coefficients.
-        b: ``(b_count,)`` viewing coefficients, ``b_00`` included.
-        target: empirical (or exact) moments (with ``m3`` for ``use_m3``).
-        use_m2: include the ``M2`` term.
-        m2_weight: factor on the ``M2`` term.
-        use_m3: include the third-moment-slice term.
-        m3_weight: factor on it.
-        scales: per ``k``, ``(G, Q_k)`` factors applied to every index of every moment
-            (:func:`whitening_scales`); ``None``: no scaling.
-    Returns:
-        scalar, differentiable in ``a`` and ``b``.
-    """
-    w = target.weights.to(a.device, a.dtype)
-    if use_m3:
-        if target.m3 is None:
-            raise ValueError("use_m3 needs target moments with m3 (estimate them with third=True)")
-        m1, m2, m3 = model.with_third(a, b)
-    else:
-        m1, m2 = model(a, b)
-    t1, t2, t3 = target.m1, target.m2, target.m3
-    if scales is not None:
-        m1, m2, m3 = whiten_moments(m1, m2, m3 if use_m3 else None, scales)
-        t1, t2, t3 = whiten_moments(t1, t2, t3 if use_m3 else None, scales)
-    loss = (w * squared_norm(m1 - t1)).sum() / (w * squared_norm(t1)).sum().clamp_min(1e-300)
-
-    def term(model_blocks, target_blocks):
-        num = sum((w * squared_norm(mk - tk)).sum() for mk, tk in zip(model_blocks, target_blocks))
-        den = sum((w * squared_norm(tk)).sum() for tk in target_blocks)
-        return num / den.clamp_min(1e-300)
-
-    if use_m2:
-        loss = loss + m2_weight * term(m2, t2)
-    if use_m3:
-        loss = loss + m3_weight * term(m3, t3)
-    return loss
-
-
-def expected_misfit(target: ImageMoments, use_m3: bool = False) -> float:
-    """The moment loss expected at the true ``(a, b)``: the estimates' sampling error in its units.
-
-    Each term of :func:`moment_loss` at the truth is the weighted squared norm of the estimation
-    error over that of the target, so its expectation is
-    ``sum_g w_g E||M_hat_g - M_g||^2 / sum_g w_g ||M_hat_g||^2`` with the errors of
-    :class:`~cryo_lightning.abinitio.moments.ImageMoments` (``m1_error``, ...). 0 for exact moments
-    (no errors recorded). It sets the scale of a prior's weight (:func:`fit_moments`).
-    """
-    if target.m1_error is None:
-        return 0.0
-    w = target.weights
-
-    def term(error: torch.Tensor, blocks: list[torch.Tensor]) -> float:
-        den = sum((w * squared_norm(b)).sum() for b in blocks)
-        return float((w * error.reshape(w.shape[0], -1).sum(-1)).sum() / den.clamp_min(1e-300))
-
-    value = term(target.m1_error, [target.m1]) + term(target.m2_error, target.m2)
-    if use_m3:
-        if target.m3 is None or target.m3_error is None:
-            raise ValueError("use_m3 needs target moments with m3 (estimate them with third=True)")
-        value += term(target.m3_error, target.m3)
-    return value
-
-
-def whiten_moments(m1: torch.Tensor, m2: list[torch.Tensor], m3: list[torch.Tensor] | None, scales: list[torch.Tensor]
-           ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
-    """Scale every index of ``M1``, ``M2`` and the ``M3`` slice by :func:`whitening_scales` (``m3`` may be ``None``)."""
-    s0 = scales[0]
-    m1 = m1 * torch.cat(scales, dim=-1)
-    m2 = [m * (s[:, :, None] * s[:, None, :]) for m, s in zip(m2, scales)]
-    if m3 is not None:
-        m3 = [m * (s0[:, :, None, None] * s[:, None, :, None] * s[:, None, None, :]) for m, s in zip(m3, scales)]
-    return m1, m2, m3
+__all__ = ["power_matched_start", "uniform_view_start", "MomResult", "hop_blocks", "newton_polish", "fit_moments",
+           "map_polish"]
 
 
 def power_matched_start(model: MomentModel, target: ImageMoments, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -193,38 +99,6 @@ def uniform_view_start(model: MomentModel, target: ImageMoments, generator: torc
     b0[0] = 1.0
     a0 = torch.randn(model.basis.layout.count, generator=generator, dtype=torch.float64)
     return power_matched_start(model, target, a0, b0), b0
-
-
-def moment_problem(images: torch.Tensor, noise_variance: float | torch.Tensor, ctfs: torch.Tensor | None,
-                   groups: torch.Tensor | None, l_max: int, bandlimit: float, view_degree: int, third: bool,
-                   device: torch.device | str | None = None
-                   ) -> tuple[SphericalFourierBesselBasis, MomentModel, ImageMoments]:
-    """Basis, forward model and debiased moments of particle images (arguments as in :func:`moments_reconstruct`)."""
-    L = images.shape[-1]
-    layout = MomentLayout(L, l_max, bandlimit=bandlimit, device=device)
-    basis = SphericalFourierBesselBasis(L, l_max=l_max, bandlimit=bandlimit, device=device)
-    n_groups = 1 if ctfs is None else ctfs.shape[0]
-    if n_groups > 1 and groups is None:
-        raise ValueError("groups are required with more than one CTF")
-    target = estimate_moments(images, layout, groups=groups, noise_variance=noise_variance, n_groups=n_groups,
-                              third=third)
-    return basis, MomentModel(basis, layout, view_degree, ctfs=ctfs, third=third), target
-
-
-def whitening_scales(target: ImageMoments, floor: float = 1e-6) -> list[torch.Tensor]:
-    """Per-coefficient factors ``1 / sqrt(E|c_i|^2)`` that whiten the moments entry by entry.
-
-    ``E|c_i|^2`` is the diagonal of the (noise-inclusive) second moment, ``M2_ii + sigma^2``,
-    floored at ``floor`` times its maximum. Scaling every index of ``M1``, ``M2`` and ``M3`` by it
-    weighs high radial frequencies, whose moments are orders of magnitude smaller than the
-    low-frequency ones, like the rest (with noise, roughly by their inverse standard error).
-
-    Returns:
-        per ``k``, ``(G, Q_k)`` float64.
-    """
-    power = [torch.diagonal(m, dim1=-2, dim2=-1).real + target.noise_variance[:, None] for m in target.m2]
-    top = max(float(p.max()) for p in power)
-    return [p.clamp_min(floor * top).rsqrt() for p in power]
 
 
 @dataclass
@@ -426,7 +300,7 @@ def fit_moments(
 
     Args:
         model: forward model (its CTF groups match the target's).
-        target: moments (see :func:`~cryo_lightning.abinitio.moments.estimate_moments`).
+        target: moments (see :func:`~cryo_lightning.abinitio.image_moments.estimate_moments`).
         n_starts: random starts.
         iterations: L-BFGS iterations of the ``M1`` stage, of the ``M1 + M2`` stage and
             (optional third entry) of the ``M1 + M2 + M3`` stage, which needs ``target.m3`` and a
@@ -434,7 +308,7 @@ def fit_moments(
         positivity_weight: ``mu``, weight of the penalty on negative ``rho``.
         m2_weight: factor on the ``M2`` term.
         whiten: add a last stage that scales the moments entry by entry with
-            :func:`whitening_scales`.
+            :func:`~cryo_lightning.abinitio.moment_loss.whitening_scales`.
         generator: seeds the starts (CPU).
         init: optional ``(a0, b0)`` used as the first start (``b0`` with ``b_00``).
         hops: block basin hops (module docstring) from the best start, with the last stage's loss.
@@ -523,49 +397,6 @@ def fit_moments(
     return best
 
 
-def moments_reconstruct(
-    images: torch.Tensor,
-    noise_variance: float | torch.Tensor,
-    ctfs: torch.Tensor | None = None,
-    groups: torch.Tensor | None = None,
-    l_max: int = 6,
-    bandlimit: float = 0.25,
-    view_degree: int = 4,
-    n_starts: int = 4,
-    iterations: tuple[int, ...] = (50, 200, 300),
-    whiten: bool = True,
-    hops: int = 0,
-    newton: int = 0,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, SHViewingDistribution, torch.Tensor, MomResult]:
-    """Ab initio map from particle images by the method of moments (for ``cryol reconstruct``).
-
-    Args:
-        images: ``(N, L, L)`` particles, centred, in-plane rotations assumed uniform.
-        noise_variance: ``sigma^2`` (scalar or ``(N,)``), e.g. from
-            :func:`~cryo_lightning.physics.noise.estimate_noise_variance`.
-        ctfs: ``(G, L, L)`` centred CTFs of the groups (``None``: no CTF).
-        groups: ``(N,)`` group of each image (required with ``ctfs`` when ``G > 1``).
-        l_max: SFB degree of the volume.
-        bandlimit: volume and image band limit, cycles/pixel.
-        view_degree: ``2h`` of the viewing distribution.
-        n_starts, iterations, whiten, hops, newton, generator: as in :func:`fit_moments` (a third
-            ``iterations`` entry adds the third-moment stage).
-        device: where to compute.
-    Returns:
-        ``(coeffs (count,), distribution, volume (L, L, L) float32, result)``; the map's
-        orientation and hand are arbitrary.
-    """
-    third = len(iterations) > 2 and iterations[2] > 0
-    basis, model, target = moment_problem(images, noise_variance, ctfs, groups, l_max, bandlimit, view_degree, third,
-                                          device)
-    result = fit_moments(model, target, n_starts=n_starts, iterations=iterations, whiten=whiten, hops=hops,
-                         newton=newton, generator=generator, progress=hops > 0)
-    volume = basis.evaluate(result.coeffs).to(torch.float32)
-    return result.coeffs, result.distribution, volume, result
-
-
 def map_polish(model: MomentModel, target: ImageMoments, a: torch.Tensor, b: torch.Tensor,
                prior_energy: Callable[[torch.Tensor], torch.Tensor], polish: int = 200, prior_strength: float = 0.1,
                third: bool = True, hops: int = 0, newton: int = 20, generator: torch.Generator | None = None
@@ -573,7 +404,8 @@ def map_polish(model: MomentModel, target: ImageMoments, a: torch.Tensor, b: tor
     """Finish a learned reconstructor's output ``(a, b)`` by L-BFGS on the MAP loss.
 
     The loss is ``L(a, b) + prior_strength * eps * E(a)``: ``eps`` the moment loss expected at the
-    truth from the moments' sampling error (:func:`expected_misfit`), ``E`` a learned coefficient
+    truth from the moments' sampling error
+    (:func:`~cryo_lightning.abinitio.moment_loss.expected_misfit`), ``E`` a learned coefficient
     prior's energy, so noisier moments lean more on the prior and exact ones not at all. If the
     polished misfit is still above ``2 eps`` (a wrong basin, and always so for exact moments) and
     ``hops > 0``, the classical endgame follows: a whitened stage, ``hops`` block basin hops and

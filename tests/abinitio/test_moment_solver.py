@@ -1,4 +1,4 @@
-"""Classical method-of-moments solver (abinitio/mom.py).
+"""Classical method-of-moments solver (abinitio/moment_solver.py).
 
 From exact moments the solver reaches moment residuals near zero from random starts. The
 aligned coefficient error is *not* asserted to be small: with in-plane-uniform, even viewing
@@ -13,40 +13,20 @@ import math
 import pytest
 import torch
 
-from cryo_lightning.abinitio.mom import (expected_misfit, fit_moments, hop_blocks, moment_loss, moments_reconstruct,
-                                        newton_polish, whitening_scales)
-from cryo_lightning.abinitio.moment_model import MomentModel, slice_images
-from cryo_lightning.abinitio.moment_simulation import MomentSimulator
-from cryo_lightning.abinitio.moments import ImageMoments, MomentLayout
+from cryo_lightning.abinitio.image_moments import ImageMoments, MomentLayout
+from cryo_lightning.abinitio.moment_forward_model import MomentModel
+from cryo_lightning.abinitio.moment_loss import moment_loss, whitening_scales
+from cryo_lightning.abinitio.moment_solver import fit_moments, hop_blocks, newton_polish
 from cryo_lightning.abinitio.volume_alignment import align_volumes
 from cryo_lightning.models.coefficient_prior import CoefficientPrior
 from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
-from cryo_lightning.physics.noise import add_white_noise
 from cryo_lightning.physics.viewing_sh import SHViewingDistribution
 from cryo_lightning.physics.volumes import random_molecule
-
-
-def _exact_problem(L: int = 16, l_max: int = 2, degree: int = 2, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    basis = SphericalFourierBesselBasis(L, l_max=l_max)
-    layout = MomentLayout(L, l_max)
-    model = MomentModel(basis, layout, degree)
-    a = basis.expand(random_molecule(L, g, dtype=torch.float64))
-    dist = SHViewingDistribution.random(degree, generator=g, uniform_weight=0.3)
-    with torch.no_grad():
-        m1, m2 = model(a, dist.coeffs)
-    one = torch.ones(1, dtype=torch.float64)
-    return basis, model, a, dist, ImageMoments(m1, m2, one, 0 * one), g
-
-
-def test_loss_is_zero_at_the_truth_and_positive_elsewhere():
-    basis, model, a, dist, target, _ = _exact_problem()
-    assert float(moment_loss(model, a, dist.coeffs, target)) < 1e-28
-    assert float(moment_loss(model, 1.1 * a, dist.coeffs, target)) > 1e-3
+from tests.abinitio.conftest import exact_moment_problem
 
 
 def test_fit_reaches_moment_consistency_from_random_starts():
-    basis, model, a, dist, target, _ = _exact_problem()
+    basis, model, a, dist, target, _ = exact_moment_problem()
     result = fit_moments(model, target, n_starts=2, iterations=(30, 300), generator=torch.Generator().manual_seed(1))
     assert result.loss < 1e-6
     assert len(result.losses) == 2 and result.loss == min(result.losses)
@@ -56,27 +36,10 @@ def test_fit_reaches_moment_consistency_from_random_starts():
 
 
 def test_fit_started_at_the_truth_stays_there():
-    basis, model, a, dist, target, g = _exact_problem(seed=2)
+    basis, model, a, dist, target, g = exact_moment_problem(seed=2)
     result = fit_moments(model, target, n_starts=1, iterations=(0, 50), init=(a, dist.coeffs))
     assert result.loss < 1e-20
     assert align_volumes(basis, a, result.coeffs, n_grid=200).relative_error < 1e-6
-
-
-def test_moments_reconstruct_end_to_end():
-    g = torch.Generator().manual_seed(3)
-    L = 16
-    basis = SphericalFourierBesselBasis(L, l_max=2, bandlimit=0.3)
-    a = basis.expand(random_molecule(L, g, dtype=torch.float64))
-    dist = SHViewingDistribution.random(2, generator=g, uniform_weight=0.3)
-    clean = slice_images(basis, a, dist.sample(2000, generator=g, dtype=torch.float64))
-    noisy, sigma2 = add_white_noise(clean, 1.0, generator=g, dim=(-3,))
-    coeffs, distribution, volume, result = moments_reconstruct(
-        noisy.float(), float(sigma2), l_max=2, bandlimit=0.3, view_degree=2, n_starts=1, iterations=(20, 100),
-        generator=g)
-    assert coeffs.shape == (basis.layout.count,)
-    assert volume.shape == (L, L, L) and volume.dtype == torch.float32
-    assert distribution.degree == 2
-    assert math.isfinite(result.loss) and result.loss < 0.05
 
 
 def test_hop_blocks_cover_the_odd_degrees_then_each_degree():
@@ -118,31 +81,9 @@ def test_basin_hops_only_keep_improvements_and_report_the_returned_state():
     assert hopped.hops_accepted == 1 and hopped.loss < plain.loss
 
 
-def test_expected_misfit_is_the_loss_at_the_truth():
-    """Moments of N noisy images: the loss of the true (a, b) averages to expected_misfit; exact moments give 0."""
-    g = torch.Generator().manual_seed(3)
-    L, l_max = 16, 2
-    basis = SphericalFourierBesselBasis(L, l_max=l_max, bandlimit=0.4)
-    layout = MomentLayout(L, l_max, bandlimit=0.4)
-    model = MomentModel(basis, layout, 2, third=True)
-    a = basis.expand(random_molecule(L, g, dtype=torch.float64))
-    dist = SHViewingDistribution.random(2, generator=g)
-    sim = MomentSimulator(basis, layout, chunk=500)
-    std = sim.noise_std(a, dist, 0.1, g)
-    ratios = []
-    for _ in range(6):
-        target = sim.moments(a, dist, 500, g, noise_std=std, third=True)[500]
-        with torch.no_grad():
-            at_truth = float(moment_loss(model, a, dist.coeffs, target, use_m3=True))
-        ratios.append(at_truth / expected_misfit(target, use_m3=True))
-    assert 0.7 < sum(ratios) / len(ratios) < 1.3, ratios
-    _, _, _, _, exact, _ = _exact_problem()
-    assert expected_misfit(exact) == 0.0
-
-
 def test_prior_turns_the_fit_into_a_map_estimate():
     """With a prior the fit trades misfit for prior energy, more so the larger its weight; the loss includes it."""
-    basis, model, a, dist, target, g = _exact_problem(seed=4)
+    basis, model, a, dist, target, g = exact_moment_problem(seed=4)
     bank = torch.stack([basis.expand(random_molecule(16, g, dtype=torch.float64)) for _ in range(24)])
     prior = CoefficientPrior(basis.layout.irreps()).fit(bank)
     kwargs = dict(n_starts=1, iterations=(0, 60), init=(a, dist.coeffs))

@@ -32,7 +32,7 @@ so ``E[n_k n_k^H] = sigma^2 Phi_k^H Phi_k = sigma^2 I`` (``H H^T`` of the noise 
 CTF groups: the estimator accumulates sums per group (memory independent of the number of
 images); :func:`group_by_defocus` bins images by mean defocus and returns one representative,
 astigmatism-free CTF per group. The forward model
-(:class:`~cryo_lightning.abinitio.moment_model.MomentModel`) is then evaluated with those CTFs;
+(:class:`~cryo_lightning.abinitio.moment_forward_model.MomentModel`) is then evaluated with those CTFs;
 astigmatism and the spread of defocus within a bin are the approximations (a group's
 representative CTF is exact when all its images share it).
 

@@ -17,7 +17,7 @@ from cryo_lightning.physics.fourier import fourier_shell_correlation
 from cryo_lightning.physics.image_formation import clean_images
 from cryo_lightning.physics.projection import volume_spectrum
 
-__all__ = ["ReconstructionResult", "forward_operator", "reconstruct", "half_map_fsc"]
+__all__ = ["ReconstructionResult", "forward_operator", "reconstruct", "reconstruct_half_sets"]
 
 
 @dataclass
@@ -106,7 +106,7 @@ def reconstruct(
     return result
 
 
-def half_map_fsc(
+def reconstruct_half_sets(
     images: torch.Tensor, rotations: torch.Tensor, subsets: torch.Tensor, ctf: torch.Tensor | None = None,
     origins: torch.Tensor | None = None, **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

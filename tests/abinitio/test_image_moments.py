@@ -1,12 +1,12 @@
-"""Image moment estimation (abinitio/moments.py): streaming, CTF groups, noise debiasing."""
+"""Image moment estimation (abinitio/image_moments.py): streaming, CTF groups, noise debiasing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from cryo_lightning.abinitio.image_moments import MomentEstimator, MomentLayout, estimate_moments, group_by_defocus
 from cryo_lightning.abinitio.moment_simulation import MomentSimulator
-from cryo_lightning.abinitio.moments import MomentEstimator, MomentLayout, estimate_moments, group_by_defocus
 from cryo_lightning.physics.ctf import random_ctf_params
 from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis
 from cryo_lightning.physics.noise import add_white_noise
@@ -173,7 +173,7 @@ def test_sampling_errors_match_monte_carlo():
 def test_moment_discrepancy_of_scaled_images_is_the_closed_form():
     # Images scaled by s have moments s M1, s^2 M2, s^3 M3 (no noise to debias), so the relative
     # differences are (1 - s)^2, (1 - s^2)^2 and (1 - s^3)^2 exactly.
-    from cryo_lightning.abinitio.moments import moment_discrepancy
+    from cryo_lightning.abinitio.image_moments import moment_discrepancy
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(40, 16, 16, generator=g, dtype=torch.float64) + 0.3

@@ -1,4 +1,4 @@
-"""Forward model of image moments (abinitio/moment_model.py) against brute force, Monte Carlo and the projector."""
+"""Moment forward model (abinitio/moment_forward_model.py) against brute force, Monte Carlo and the projector."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cryo_lightning.abinitio.moment_model import MomentModel, slice_images
-from cryo_lightning.abinitio.moments import MomentLayout
+from cryo_lightning.abinitio.image_moments import MomentLayout
+from cryo_lightning.abinitio.moment_forward_model import MomentModel, slice_images
 from cryo_lightning.abinitio.volume_alignment import transform_coefficients, transform_viewing
 from cryo_lightning.physics.ctf import CTFParams, ctf_2d
 from cryo_lightning.physics.fourier_bessel import SphericalFourierBesselBasis

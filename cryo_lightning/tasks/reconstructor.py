@@ -22,10 +22,10 @@ from torchmetrics import MeanMetric
 
 from cryo_lightning.models.reconstructor import MomentReconstructor
 
-__all__ = ["ReconstructTask"]
+__all__ = ["ReconstructorTask"]
 
 
-class ReconstructTask(pl.LightningModule):
+class ReconstructorTask(pl.LightningModule):
     """Train :class:`MomentReconstructor` on moment examples.
 
     Args:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cryo_lightning.abinitio.reconstruct import forward_operator, half_map_fsc, reconstruct
+from cryo_lightning.abinitio.least_squares_reconstruction import forward_operator, reconstruct, reconstruct_half_sets
 from cryo_lightning.physics.ctf import ctf_2d, random_ctf_params
 from cryo_lightning.physics.fourier import fourier_shell_correlation
 from cryo_lightning.physics.rotations import random_rotations
@@ -33,7 +33,7 @@ def test_cg_converges_on_noise_free_data():
 def test_cg_with_ctf_and_half_maps():
     volume, rotations, ctf, origins, images = _data(400, with_ctf=True, seed=1)
     subsets = torch.arange(400) % 2 + 1
-    half1, half2, fsc = half_map_fsc(images, rotations, subsets, ctf, origins, lam=1e-3, iterations=30)
+    half1, half2, fsc = reconstruct_half_sets(images, rotations, subsets, ctf, origins, lam=1e-3, iterations=30)
     assert fsc.shape == (9,) and float(fsc[1:5].min()) > 0.9
     truth_fsc = fourier_shell_correlation((half1 + half2) / 2, volume, 3)
     assert float(truth_fsc[1:5].min()) > 0.9
