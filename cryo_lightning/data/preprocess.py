@@ -29,7 +29,8 @@ class PreprocessConfig:
     """What to do to particle images before they reach a model.
 
     Attributes:
-        downsample: output box size (Fourier crop; the pixel size grows accordingly), or None.
+        out_box: output box size, or None to keep the stored one: a smaller box crops the
+            spectrum (the pixel size grows accordingly), a larger one zero-pads it (finer pixels).
         normalize: subtract the background mean and divide by the background standard deviation
             (background = pixels at or beyond ``background_radius`` from the centre).
         background_radius: fraction of ``L / 2`` where the background starts (RELION's default
@@ -44,7 +45,7 @@ class PreprocessConfig:
             particle background (see :func:`noise_spectrum`).
     """
 
-    downsample: int | None = None
+    out_box: int | None = None
     normalize: bool = True
     background_radius: float = 0.75
     invert_contrast: bool = False
@@ -130,7 +131,7 @@ class Preprocessor:
 
     @property
     def out_box(self) -> int:
-        return self.config.downsample or self.box
+        return self.config.out_box or self.box
 
     def ctf_mode(self, stored_mode: str) -> str:
         """The CTF mode of the processed images, given that of the stored ones."""

@@ -128,7 +128,7 @@ def _load_pair(raw: ParticleSource, den: ParticleSource, rows: np.ndarray, L: in
     radius = PreprocessConfig().background_radius
 
     def processor(box: int, size: int) -> Preprocessor:
-        return Preprocessor(PreprocessConfig(downsample=size if size != box else None, normalize=False), box)
+        return Preprocessor(PreprocessConfig(out_box=size if size != box else None, normalize=False), box)
 
     raw_proc, den_proc = processor(raw.box, L), processor(den.box, L)
     # "normalized" denoised images are in units of the raw particle normalised at the denoised box

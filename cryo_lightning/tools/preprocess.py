@@ -2,7 +2,7 @@
 
 Example::
 
-    cryol preprocess --star particles.star --downsample 64 --out prep/
+    cryol preprocess --star particles.star --box 64 --out prep/
 
 reads a RELION STAR (3.0, 3.1/4, 5) or cryoSPARC .cs file and its stacks, and writes
 ``prep/<stem>.mrcs`` (the processed images, in the input's particle order) and ``prep/<stem>.star``
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     p = tool_parser("cryol preprocess", __doc__)
     p.add_argument("--star", required=True, help="particles: RELION .star or cryoSPARC .cs")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--downsample", type=PositiveInt | None, default=None, help="output box size (Fourier crop)")
+    p.add_argument("--box", "--downsample", dest="box", type=PositiveInt | None, default=None,
+                   help="output box size: smaller crops the spectrum (coarser pixels), larger pads it")
     add_flag(p, "--normalize", True, "background mean 0 and std 1")
     p.add_argument("--background-radius", type=float, default=0.75, help="background starts at this fraction of L/2")
     add_flag(p, "--invert-contrast", False, "multiply by -1 (on top of the data sign)")
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stem", type=str, default=None, help="output file stem (default: the input's)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        config = PreprocessConfig(downsample=args.downsample, normalize=args.normalize,
+        config = PreprocessConfig(out_box=args.box, normalize=args.normalize,
                                   background_radius=args.background_radius, invert_contrast=args.invert_contrast,
                                   ctf_mode=args.ctf_mode, phase_flip=args.phase_flip, whiten=args.whiten)
     except ValueError as err:

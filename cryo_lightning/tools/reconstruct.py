@@ -183,7 +183,7 @@ def reconstruct_particles(
         if len(rows) < MIN_IMAGES[method]:
             raise InputError(f"{star}: {len(rows)} usable particle image(s); --method {method} needs at least "
                              f"{MIN_IMAGES[method]} (two half sets{' of common-line triplets' if method == 'common-lines' else ''})")
-        processor = Preprocessor(PreprocessConfig(downsample=L if L != source.box else None), source.box)
+        processor = Preprocessor(PreprocessConfig(out_box=L if L != source.box else None), source.box)
         images, ctf, pixel = _load(source, rows, processor, dev)
         has_ctf = source.ctf_mode(processor.config) != "none"
         timings["read"] = time.perf_counter() - start

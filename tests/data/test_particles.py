@@ -41,7 +41,7 @@ def test_relion31_fixture_end_to_end(shared_data):
 def test_cryosparc_data_sign_and_downsampling(shared_data):
     folder = shared_data / "real" / "cryodrgn"
     dm = ParticleDataModule(str(folder / "empiar_10076_7.cs"), set_size=1, batch_size=7, val_fraction=0.0,
-                            num_workers=0, preprocess=PreprocessConfig(downsample=64, normalize=False))
+                            num_workers=0, preprocess=PreprocessConfig(out_box=64, normalize=False))
     dm.setup("predict")
     (batch,) = _batches(dm, dm.predict_dataloader())
     assert batch["noisy"].shape == (7, 1, 64, 64)

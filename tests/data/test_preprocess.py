@@ -30,7 +30,7 @@ def test_background_normalize_gives_zero_mean_unit_std_background():
 
 
 def test_downsample_updates_pixel_size_and_sign():
-    pre = Preprocessor(PreprocessConfig(downsample=32, normalize=False), box=64)
+    pre = Preprocessor(PreprocessConfig(out_box=32, normalize=False), box=64)
     images = _blobs(3, 64)
     out = pre(images, torch.full((3,), 1.5), torch.tensor([1.0, -1.0, 1.0]), None, "none")
     assert out["images"].shape == (3, 32, 32)

@@ -30,7 +30,7 @@ def relion31(shared_data, tmp_path):
 def test_preprocess_downsamples_and_writes_relion31(relion31, tmp_path):
     before = _digests(relion31)
     out = tmp_path / "prep"
-    main(["preprocess", "--star", str(relion31 / "relion31.star"), "--downsample", "64", "--out", str(out),
+    main(["preprocess", "--star", str(relion31 / "relion31.star"), "--box", "64", "--out", str(out),
           "--phase-flip"])
     assert _digests(relion31) == before  # inputs untouched
     blocks = starfile.read(out / "relion31.star", always_dict=True)
