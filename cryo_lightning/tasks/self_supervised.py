@@ -39,7 +39,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from cryo_lightning.io.errors import InputError
 from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.tasks.checkpoints import DENOISER_PREFIXES, load_task_weights
 from cryo_lightning.tasks.denoise import DenoiseTask

@@ -11,10 +11,9 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
-import starfile
 import torch
 
-from cryo_lightning.data.particles import ParticleDataModule, ParticleSetDataset, open_particles
+from cryo_lightning.data.particles import ParticleDataModule, open_particles
 from cryo_lightning.data.preprocess import PreprocessConfig
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.star import image_names, optics_block, write_particles_star
