@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from cryo_lightning.tasks.pretrained import MANIFEST, export_weights
+from cryo_lightning.tasks.model_registry import MANIFEST
+from cryo_lightning.tasks.pretrained import export_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTIONS = {

@@ -113,7 +113,7 @@ def _run_lightning(args: Sequence[str] | None) -> None:
     import cryo_lightning.data.synthetic  # noqa: F401
     import cryo_lightning.models.dncnn  # noqa: F401
     import cryo_lightning.tasks.denoise  # noqa: F401
-    from cryo_lightning.tasks.pretrained import RecordTrainingData
+    from cryo_lightning.tasks.training_record import RecordTrainingData
 
     LightningCLI(
         pl.LightningModule,

@@ -125,7 +125,8 @@ def _denoise(spec: str, images: torch.Tensor, source: ParticleSource, rows: np.n
     """Denoise ``(n, L, L)`` background-normalised images (of table ``rows``, ``pixel`` Angstrom) in
     random context sets with a shipped model or a checkpoint (``spec``), at the model's scale as
     ``cryol denoise`` does; returns CTF-affected clean estimates at box ``L``."""
-    from cryo_lightning.tasks.pretrained import default_set_size, load_denoiser, range_warnings, scale_plan
+    from cryo_lightning.tasks.model_inputs import default_set_size, range_warnings, scale_plan
+    from cryo_lightning.tasks.pretrained import load_denoiser
     from cryo_lightning.tools.denoise import context_sets
 
     task, card = load_denoiser(spec, images.device, option="--denoiser")
