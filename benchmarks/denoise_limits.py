@@ -38,8 +38,9 @@ from denoise import ROOT, _as_sets, evaluate, fit_command, load, resolved_config
 from cryo_lightning.abinitio.least_squares_reconstruction import reconstruct
 from cryo_lightning.data.molecule_bank import MoleculeBank
 from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig
-from cryo_lightning.denoise.cwf import PopulationPrior, cwf_denoise
+from cryo_lightning.denoise.cwf import cwf_denoise
 from cryo_lightning.denoise.oracle import oracle_denoise
+from cryo_lightning.denoise.population_prior import PopulationPrior
 from cryo_lightning.metrics import relative_mse
 from cryo_lightning.physics.fourier import fft3c, ifft3c, radial_grid
 from cryo_lightning.physics.steerable_basis import fourier_bessel_basis

@@ -47,7 +47,8 @@ from denoise import ROOT, _as_sets, evaluate, load, summary, test_sets  # noqa: 
 from denoise_limits import known_pose_posterior  # noqa: E402
 from cryo_lightning.data.molecule_bank import MoleculeBank  # noqa: E402
 from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig  # noqa: E402
-from cryo_lightning.denoise.cwf import PopulationPrior, cwf_denoise  # noqa: E402
+from cryo_lightning.denoise.cwf import cwf_denoise  # noqa: E402
+from cryo_lightning.denoise.population_prior import PopulationPrior  # noqa: E402
 from cryo_lightning.physics.steerable_basis import fourier_bessel_basis  # noqa: E402
 
 CONFIGS = {

@@ -27,7 +27,8 @@ import torch
 import yaml
 
 from cryo_lightning.launch.freeze import resolve_config
-from cryo_lightning.tasks.pretrained import MANIFEST, export_weights
+from cryo_lightning.tasks.model_registry import MANIFEST
+from cryo_lightning.tasks.pretrained import export_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "configs/base/denoise_realistic_l64.yaml"  # the network and training distribution of every stage

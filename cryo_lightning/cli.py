@@ -114,7 +114,7 @@ def _run_lightning(args: Sequence[str] | None) -> None:
     import cryo_lightning.models.dncnn  # noqa: F401
     import cryo_lightning.tasks.denoise  # noqa: F401
     from cryo_lightning.tasks.checkpoints import alias_renamed_tasks
-    from cryo_lightning.tasks.pretrained import RecordTrainingData
+    from cryo_lightning.tasks.training_record import RecordTrainingData
 
     alias_renamed_tasks()  # --ckpt_path: a checkpoint may name a task by its old class path
 

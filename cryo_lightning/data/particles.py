@@ -27,8 +27,9 @@ from cryo_lightning.io.errors import MAX_LISTED, InputError
 from cryo_lightning.io.mrc import StackWriter
 from cryo_lightning.io.particle_table import ParticleTable
 from cryo_lightning.io.particles import read_particles
+from cryo_lightning.io.stack_checks import check_box, check_pixel_size
 from cryo_lightning.io.stack_paths import resolve_stacks
-from cryo_lightning.io.stack_reader import StackReader, check_box, check_pixel_size
+from cryo_lightning.io.stack_reader import StackReader
 from cryo_lightning.physics.ctf import CTFParams
 from cryo_lightning.physics.rotations import euler_to_matrix
 

@@ -19,44 +19,25 @@ Positional reads were chosen over mapping each run (``np.memmap`` of the run, co
 because they were as fast for long runs and twice as fast for single images
 (measurements in :class:`StackReader`). Images are returned in the file's own dtype (int8, int16,
 uint16, float16 or float32, native byte order); the consumer converts them to float32 on
-its device, which keeps float16 data at half the host memory and transfer size.
-
-Header fields are taken from ``mrcfile`` (opened with ``permissive=True`` so legacy headers
-without the ``MAP`` ID work); the space group is ignored, since particle stacks with
-``ispg = 1`` exist, and a 2D file is a stack of one image.
+its device, which keeps float16 data at half the host memory and transfer size. Headers are
+read by :func:`~cryo_lightning.io.stack_header.read_stack_info`.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
 import threading
-import warnings
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 
-import mrcfile
-import mrcfile.utils
 import numpy as np
 
 from cryo_lightning.io.errors import MAX_LISTED, InputError, listed
+from cryo_lightning.io.stack_header import StackInfo, read_stack_info
 
-__all__ = [
-    "StackInfo",
-    "StackReader",
-    "check_box",
-    "check_pixel_size",
-    "read_stack_info",
-]
+__all__ = ["StackReader"]
 
-# MRC modes holding real images: int8, int16, float32, uint16, float16.
-READABLE_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
-HEADER_BYTES = 1024
-# Header pixel sizes that writers leave when they do not know the pixel size.
-UNSET_PIXEL_SIZES = (0.0, 1.0)
 # Positional reads need no shared file offset, so forked or threaded readers cannot clash.
 _HAS_PREADV = hasattr(os, "preadv")
 # Buffers per vectored read (the POSIX minimum of IOV_MAX is 16; Linux allows 1024).
@@ -65,101 +46,6 @@ _IOV_MAX = (
     if "SC_IOV_MAX" in getattr(os, "sysconf_names", {})
     else 16
 )
-# How many problems an aggregated error message lists before summarising the rest.
-
-
-@dataclass(frozen=True)
-class StackInfo:
-    """What the header of one MRC stack says, checked against the file size.
-
-    Attributes:
-        path: the stack file.
-        n: number of images (sections ``nz``; a 2D file holds one image).
-        ny: image rows (pixels).
-        nx: image columns (pixels).
-        dtype: numpy dtype of the stored values, including the file's byte order.
-        data_offset: byte offset of the first image (1024 + extended header size).
-        pixel_size: header pixel size along x (``cella.x / mx``) in Angstrom, or None when
-            the header says 0 (unset). Writers often leave 1.0 when they do not know it.
-    """
-
-    path: Path
-    n: int
-    ny: int
-    nx: int
-    dtype: np.dtype
-    data_offset: int
-    pixel_size: float | None
-
-    @property
-    def frame_bytes(self) -> int:
-        """Bytes per image."""
-        return self.ny * self.nx * self.dtype.itemsize
-
-
-def read_stack_info(path: str | os.PathLike) -> StackInfo:
-    """Read and validate the header of an MRC stack.
-
-    Args:
-        path: ``.mrcs``/``.mrc`` file; modes 0 (int8), 1 (int16), 2 (float32), 6 (uint16)
-            and 12 (float16) are accepted. The ``MAP`` ID and machine stamp may be missing.
-    Returns:
-        :class:`StackInfo`; ``n`` is ``nz`` whatever the space group says.
-    Raises:
-        InputError: the file is missing, is not an MRC file, uses another mode, has
-            impossible dimensions, or is shorter than its header says ("truncated").
-    """
-    path = Path(path)
-    try:
-        file_size = path.stat().st_size
-    except OSError as err:
-        raise InputError(f"cannot open image stack {path}: {err.strerror or err}") from err
-    with warnings.catch_warnings():
-        # Legacy headers (no MAP ID, zero machine stamp) warn on every open; they are fine.
-        warnings.simplefilter("ignore")
-        try:
-            with mrcfile.open(path, header_only=True, permissive=True) as mrc:
-                header = mrc.header.copy()
-        except Exception as err:  # mrcfile raises ValueError, OSError, EOFError, ...
-            raise InputError(f"{path}: not a readable MRC file ({err})") from err
-    mode = int(header.mode)
-    if mode not in READABLE_MODES:
-        modes = ", ".join(f"{k} ({v})" for k, v in READABLE_MODES.items())
-        raise InputError(
-            f"{path}: MRC mode {mode} is not supported for particle images (supported: "
-            f"{modes}); convert the stack to float32, e.g. with relion_image_handler"
-        )
-    nx, ny, nz, nsymbt = int(header.nx), int(header.ny), int(header.nz), int(header.nsymbt)
-    if nx < 1 or ny < 1 or nz < 1 or nsymbt < 0:
-        raise InputError(
-            f"{path}: invalid MRC header (nx={nx}, ny={ny}, nz={nz}, extended header "
-            f"{nsymbt} bytes); the file is corrupt or not an MRC stack"
-        )
-    dtype = mrcfile.utils.data_dtype_from_header(header)
-    info = StackInfo(
-        path=path,
-        n=nz,
-        ny=ny,
-        nx=nx,
-        dtype=dtype,
-        data_offset=HEADER_BYTES + nsymbt,
-        pixel_size=_header_pixel_size(header),
-    )
-    needed = info.data_offset + info.n * info.frame_bytes
-    if file_size < needed:
-        raise InputError(
-            f"{path}: truncated stack: the header describes {nz} images of {ny}x{nx} "
-            f"{dtype.name} ({needed} bytes with the header) but the file has only "
-            f"{file_size} bytes; re-copy or re-extract it"
-        )
-    return info
-
-
-def _header_pixel_size(header: np.recarray) -> float | None:
-    mx, cella_x = int(header.mx), float(header.cella.x)
-    if mx <= 0 or not math.isfinite(cella_x) or cella_x <= 0:
-        return None
-    return cella_x / mx
 
 
 def _raise_aggregated(problems: list[str], total: int, what: str) -> None:
@@ -443,112 +329,3 @@ class StackReader:
                     )
                 done += more
             start += len(view)
-
-
-def _as_lookup(value) -> tuple[float | None, dict[Path, float]]:
-    if isinstance(value, Mapping):
-        return None, {Path(k): v for k, v in value.items()}
-    return value, {}
-
-
-def check_box(
-    infos: Sequence[StackInfo],
-    expected_box: int | Mapping[str | os.PathLike, int],
-    metadata_path: str | os.PathLike,
-) -> None:
-    """Check that the stacks hold square images of the box size the metadata declares.
-
-    Args:
-        infos: headers from :func:`read_stack_info` or ``StackReader.infos``.
-        expected_box: box size in pixels (``rlnImageSize``, ``blob/shape``) for all stacks,
-            or a mapping from stack path (as in ``StackInfo.path``) to its box size.
-            Values of -1 (or stacks absent from the mapping) mean unknown: not checked.
-        metadata_path: the STAR/.cs file, named in the message.
-    Raises:
-        InputError: one message listing every stack with non-square images or a box size
-            different from the metadata's, with both sizes and the fix.
-    """
-    default, per_stack = _as_lookup(expected_box)
-    not_square, mismatched = [], []
-    for info in infos:
-        if info.ny != info.nx:
-            not_square.append(f"{info.path}: {info.ny}x{info.nx} pixels (rows x columns)")
-            continue
-        box = per_stack.get(Path(info.path), default)
-        if box is not None and int(box) > 0 and int(box) != info.nx:
-            mismatched.append(
-                f"{info.path} holds {info.ny}x{info.nx} images but {metadata_path} says "
-                f"the box is {int(box)} pixels"
-            )
-    if not_square:
-        lines = [f"{len(not_square)} of {len(infos)} stacks hold non-square images:"]
-        lines += listed(not_square)
-        lines.append("Particle images must be square: re-extract them with a square box.")
-        raise InputError("\n".join(lines))
-    if mismatched:
-        lines = [
-            f"{len(mismatched)} of {len(infos)} stacks do not match the box size "
-            f"(rlnImageSize / blob/shape) in {metadata_path}:"
-        ]
-        lines += listed(mismatched)
-        lines.append(
-            "Fix: make sure the metadata refers to these stacks (check --datadir), or "
-            "correct rlnImageSize in the metadata's optics table if the stacks were "
-            "re-extracted or rescaled."
-        )
-        raise InputError("\n".join(lines))
-
-
-def check_pixel_size(
-    infos: Sequence[StackInfo],
-    expected_pixel_size: float | Mapping[str | os.PathLike, float],
-    metadata_path: str | os.PathLike,
-    rel_tol: float = 0.01,
-    given: bool = False,
-) -> str | None:
-    """Compare the stacks' header pixel sizes with the metadata's (or the one the user gave).
-
-    The metadata wins (RELION ignores MRC headers), so a difference is only reported.
-    Header values of 0 and 1.0 are skipped: writers leave them when the pixel size is
-    unknown. Such stacks cannot reveal a wrong metadata pixel size: e.g. the fixture
-    ``sta_testing_bin8.star`` says 1.96 A for 8x binned images (about 15.7 A) whose header
-    says 1.0, and it has no ``rlnImageSize``, so neither this check nor :func:`check_box`
-    can detect the mismatch.
-
-    Args:
-        infos: headers from :func:`read_stack_info` or ``StackReader.infos``.
-        expected_pixel_size: Angstrom, for all stacks or per stack path (as
-            ``StackInfo.path``); missing or non-positive values are not checked.
-        metadata_path: the STAR/.cs file, named in the message.
-        rel_tol: tolerated relative difference.
-        given: the expected value was given by the user (``--pixel-size``), not read from the file.
-    Returns:
-        A warning message naming both values for the first stacks that differ, or None.
-    """
-    default, per_stack = _as_lookup(expected_pixel_size)
-    differing = []
-    for info in infos:
-        header = info.pixel_size
-        expected = per_stack.get(Path(info.path), default)
-        if header is None or expected is None or not expected > 0:
-            continue
-        if any(math.isclose(header, u, rel_tol=1e-6, abs_tol=1e-6) for u in UNSET_PIXEL_SIZES):
-            continue
-        if abs(header - expected) > rel_tol * expected:
-            differing.append(
-                f"{info.path}: header {header:.4g} A/px, {'--pixel-size' if given else 'metadata'} "
-                f"{float(expected):.4g} A/px"
-            )
-    if not differing:
-        return None
-    lines = [
-        f"{len(differing)} of {len(infos)} stacks have a header pixel size that differs by "
-        f"more than {rel_tol:.0%} from {'--pixel-size' if given else metadata_path}:"
-    ]
-    lines += listed(differing)
-    lines.append(
-        "Using --pixel-size as given (it overrides the metadata and the headers)." if given else
-        "Using the metadata's pixel size; if the images were binned or rescaled, fix the "
-        "metadata (rlnImagePixelSize) or give the right value with --pixel-size."
-    )
-    return "\n".join(lines)

@@ -13,9 +13,9 @@ With the CWF guide, the covariance Wiener filter can also use a population prior
 (``cwf_prior_strength > 0``): the mean and covariance of the projections of each of the first
 ``cwf_prior_molecules`` training molecules, per unit signal power, of which each set takes a
 likelihood-weighted mixture and blends it with its own statistics (see
-``cryo_lightning.denoise.cwf.PopulationPrior``). At L = 32 and N = 128 the per-set covariance is the
-weak point of the CWF, and this prior recovers much of what it misses. The prior is a buffer,
-fitted once by :meth:`PolarSetTransformer.fit_population` from clean training targets
+``cryo_lightning.denoise.population_prior.PopulationPrior``). At L = 32 and N = 128 the per-set
+covariance is the weak point of the CWF, and this prior recovers much of what it misses. The prior
+is a buffer, fitted once by :meth:`PolarSetTransformer.fit_population` from clean training targets
 (``DenoiseTask`` does it at the start of training, from the images of the first training epoch)
 and saved in checkpoints, so a trained model needs no training data later.
 
@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cryo_lightning.denoise.cwf import PopulationPrior, cwf_denoise
+from cryo_lightning.denoise.cwf import cwf_denoise
+from cryo_lightning.denoise.population_prior import PopulationPrior
 from cryo_lightning.models.unet import UNet
 from cryo_lightning.physics.fourier import radial_grid
 from cryo_lightning.physics.noise import estimate_noise_variance

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from cryo_lightning.metrics import frc_curve, psnr, relative_mse
 from cryo_lightning.tasks.checkpoints import DENOISER_PREFIXES, load_task_weights
 from cryo_lightning.tasks.image_grid import image_grid
+from cryo_lightning.tasks.model_registry import resolve_checkpoint
 from cryo_lightning.tasks.optim import lr_groups
 
 __all__ = ["DenoiseTask"]
@@ -71,8 +72,6 @@ class DenoiseTask(pl.LightningModule):
     def configure_model(self) -> None:
         init = self.hparams.get("init_ckpt")
         if init is not None and not getattr(self, "_initialised", False):
-            from cryo_lightning.tasks.pretrained import resolve_checkpoint  # it imports this module
-
             load_task_weights(self.net, resolve_checkpoint(init), DENOISER_PREFIXES, "init_ckpt")
         self._initialised = True
 

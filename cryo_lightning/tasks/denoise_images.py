@@ -11,7 +11,8 @@ from cryo_lightning.data.context_sets import context_sets
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
 from cryo_lightning.data.resample import estimate_snr
 from cryo_lightning.physics.ctf import CTFParams
-from cryo_lightning.tasks.pretrained import default_set_size, load_denoiser, range_warnings, scale_plan
+from cryo_lightning.tasks.model_inputs import default_set_size, range_warnings, scale_plan
+from cryo_lightning.tasks.pretrained import load_denoiser
 
 __all__ = ["denoise_images"]
 

@@ -42,7 +42,7 @@ from torch import nn
 from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.tasks.checkpoints import DENOISER_PREFIXES, load_task_weights
 from cryo_lightning.tasks.denoise import DenoiseTask
-from cryo_lightning.tasks.pretrained import resolve_checkpoint
+from cryo_lightning.tasks.model_registry import resolve_checkpoint
 
 __all__ = ["OBJECTIVES", "noisier2noise_pair", "noisier2noise_floor", "sure_loss", "load_denoiser_weights",
            "SelfSupervisedDenoiseTask"]

@@ -10,7 +10,7 @@ import torch
 
 from cryo_lightning.io.atomic_write import check_overwrite
 from cryo_lightning.io.errors import InputError
-from cryo_lightning.io.stack_reader import read_stack_info
+from cryo_lightning.io.stack_header import read_stack_info
 from cryo_lightning.io.star import image_names, write_particles_star
 
 __all__ = ["tool_parser", "add_flag", "pick_device", "parse_assume", "prepare_outputs", "open_particle_input"]

@@ -99,7 +99,7 @@ def denoise_particles(
 def _run(task, card, source: ParticleSource, star: Path, out: Path, set_size: int | None, context: str,
          batch_sets: int, dev: torch.device, overwrite: bool, seed: int, chunk_particles: int,
          model_scale: bool) -> tuple[Path, Path]:
-    from cryo_lightning.tasks.pretrained import default_set_size, range_warnings, scale_plan
+    from cryo_lightning.tasks.model_inputs import default_set_size, range_warnings, scale_plan
 
     for message in source.warnings:
         print(f"cryol denoise: warning: {message}", file=sys.stderr)

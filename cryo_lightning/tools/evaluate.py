@@ -44,7 +44,7 @@ from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.json_text import json_safe, json_text
 from cryo_lightning.io.output_set import output_set
-from cryo_lightning.io.stack_reader import read_stack_info
+from cryo_lightning.io.stack_header import read_stack_info
 from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.physics.rotations import euler_to_matrix
 from cryo_lightning.plots import fsc_plot, moment_consistency_plot

@@ -31,7 +31,7 @@ def _range(bounds, unit: str = "") -> str:
 
 
 def format_models(cards: list, manifest: str) -> str:
-    """The printed table of ``cards`` (:class:`~cryo_lightning.tasks.pretrained.ModelCard`)."""
+    """The printed table of ``cards`` (:class:`~cryo_lightning.tasks.model_registry.ModelCard`)."""
     if not cards:
         return (f"No denoisers are shipped yet ({manifest} lists none). Train one with `cryol fit` and denoise "
                 "with `cryol denoise --ckpt CHECKPOINT`.")
@@ -62,7 +62,7 @@ def format_models(cards: list, manifest: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse ``cryol models`` arguments and print the registry."""
-    from cryo_lightning.tasks.pretrained import list_models, manifest_path
+    from cryo_lightning.tasks.model_registry import list_models, manifest_path
 
     p = tool_parser("cryol models", __doc__, particles=False)
     p.add_argument("--manifest", type=str | None, default=None,

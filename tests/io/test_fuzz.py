@@ -19,7 +19,8 @@ import torch
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import write_stack
 from cryo_lightning.io.particles import read_particles
-from cryo_lightning.io.stack_reader import StackReader, read_stack_info
+from cryo_lightning.io.stack_header import read_stack_info
+from cryo_lightning.io.stack_reader import StackReader
 from cryo_lightning.io.star import image_names, optics_block, write_particles_star
 from tests.conftest import SHARED_DATA
 

@@ -15,12 +15,8 @@ import numpy as np
 import pytest
 
 from cryo_lightning.io.errors import InputError
-from cryo_lightning.io.stack_reader import (
-    StackReader,
-    check_box,
-    check_pixel_size,
-    read_stack_info,
-)
+from cryo_lightning.io.stack_header import read_stack_info
+from cryo_lightning.io.stack_reader import StackReader
 
 # Every particle-stack fixture: (path under real/, (n, ny, nx), numpy dtype).
 FIXTURE_STACKS = [
@@ -89,14 +85,6 @@ def test_fixture_stacks_match_mrcfile(shared_data, name, shape, dtype):
         np.testing.assert_array_equal(got, ref[idx])
 
 
-def test_header_details_of_fixtures(shared_data):
-    real = shared_data / "real"
-    trpv1 = read_stack_info(real / "cryojax/trpv1_small_stack.mrcs")
-    assert trpv1.pixel_size == pytest.approx(4.88) and trpv1.data_offset == 1024
-    assert read_stack_info(real / "cryodrgn/empiar_10076_7.mrc").pixel_size is None
-    assert read_stack_info(real / "mrcfile/float16.mrc").pixel_size == pytest.approx(3.5953124)
-
-
 def test_requests_spanning_stacks_and_mixed_dtypes(shared_data):
     real = shared_data / "real"
     paths = [
@@ -135,27 +123,6 @@ def test_integer_half_and_big_endian_stacks(tmp_path, dtype, mode):
     got = StackReader([path]).read(np.zeros(6, np.int64), idx)
     assert got.dtype == np.dtype(dtype).newbyteorder("=") and got.dtype.isnative
     np.testing.assert_array_equal(got, data[idx])
-
-
-def test_truncated_stack_names_both_sizes(tmp_path):
-    path = _write(tmp_path / "cut.mrcs", np.ones((5, 16, 16), np.float32))
-    full = path.stat().st_size
-    os.truncate(path, full - 100)
-    with pytest.raises(InputError, match="truncated") as err:
-        read_stack_info(path)
-    assert str(full) in str(err.value) and str(full - 100) in str(err.value)
-    assert str(path) in str(err.value)
-
-
-def test_unsupported_mode_and_non_mrc_files(tmp_path):
-    path = _write(tmp_path / "complex.mrcs", np.ones((2, 8, 8), np.complex64))
-    with pytest.raises(InputError, match="mode 4") as err:
-        read_stack_info(path)
-    assert str(path) in str(err.value)
-    text = tmp_path / "notes.mrcs"
-    text.write_text("not an image stack\n")
-    with pytest.raises(InputError, match="notes.mrcs"):
-        read_stack_info(text)
 
 
 def test_all_header_problems_are_reported_together(tmp_path):
@@ -280,54 +247,6 @@ def test_forked_process_reopens_its_files(tmp_path):
     # The parent's handle still works after the child closed its copy.
     np.testing.assert_array_equal(_FORK_READER.read(np.array([0]), np.array([1])), data[[1]])
     _FORK_READER = None
-
-
-def test_box_check_on_relion5_numbers(shared_data):
-    folder = shared_data / "real/cryodrgn"
-    star = folder / "relion5.star"
-    names = ("toy_images_a.mrcs", "toy_images_b.mrcs")
-    infos = [read_stack_info(folder / "toy_datadir" / n) for n in names]
-    with pytest.raises(InputError) as err:
-        check_box(infos, 448, star)  # the STAR's rlnImageSize
-    msg = str(err.value)
-    assert str(star) in msg and "toy_images_a.mrcs" in msg and "448" in msg and "30x30" in msg
-    assert "rlnImageSize" in msg and "--datadir" in msg
-    check_box(infos, 30, star)
-    check_box(infos, -1, star)  # unknown: not checked
-    check_box(infos, {infos[0].path: 30, infos[1].path: -1}, star)
-    with pytest.raises(InputError, match="toy_images_b"):
-        check_box(infos, {str(infos[1].path): 448}, star)
-
-
-def test_non_square_images_are_refused(tmp_path):
-    info = read_stack_info(_write(tmp_path / "rect.mrcs", np.zeros((2, 16, 20), np.float32)))
-    with pytest.raises(InputError, match="non-square") as err:
-        check_box([info], -1, tmp_path / "p.star")
-    assert "16x20" in str(err.value)
-
-
-def test_pixel_size_check(shared_data, tmp_path):
-    real = shared_data / "real"
-    trpv1 = [read_stack_info(real / "cryojax/trpv1_small_stack.mrcs")]
-    star = real / "cryojax/trpv1_small_stack.star"
-    assert check_pixel_size(trpv1, 4.88, star) is None
-    assert check_pixel_size(trpv1, 4.90, star) is None  # within 1 %
-    warning = check_pixel_size(trpv1, 2.44, star)
-    assert warning is not None and "4.88" in warning and "2.44" in warning and str(star) in warning
-    # relion5: header 1.0 (unset) vs 0.89 in the STAR: not comparable, no warning.
-    toy = [read_stack_info(real / "cryodrgn/toy_datadir/toy_images_a.mrcs")]
-    assert toy[0].pixel_size == pytest.approx(1.0)
-    assert check_pixel_size(toy, 0.89, real / "cryodrgn/relion5.star") is None
-    # sta_testing_bin8: the STAR's 1.96 A is 8x too small, but the header says 1.0 (unset),
-    # so the mismatch cannot be detected from the stack (documented in check_pixel_size).
-    sta = [read_stack_info(real / "cryodrgn/ay19102021_L3_position6_ribo_it09_bin8_1.82A.mrcs")]
-    assert sta[0].pixel_size == pytest.approx(1.0)
-    assert check_pixel_size(sta, 1.96, real / "cryodrgn/sta_testing_bin8.star") is None
-    # A binned stack whose header knows its pixel size is caught.
-    bin8 = _write(tmp_path / "bin8.mrcs", np.zeros((2, 8, 8), np.float32), voxel_size=15.68)
-    binned = [read_stack_info(bin8)]
-    warning = check_pixel_size(binned, {binned[0].path: 1.96}, "sta.star")
-    assert warning is not None and "15.68" in warning and "1.96" in warning
 
 
 _MEMORY_CHILD = textwrap.dedent(

@@ -13,7 +13,7 @@ import starfile
 import torch
 
 from cryo_lightning.io.mrc import read_stack, write_map, write_stack
-from cryo_lightning.tasks.pretrained import list_models
+from cryo_lightning.tasks.model_registry import list_models
 from tests.conftest import SHARED_DATA
 from tests.reliability.conftest import leftovers, snapshot, strict_json
 

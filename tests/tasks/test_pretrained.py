@@ -15,13 +15,12 @@ import torch
 
 from cryo_lightning.cli import main
 from cryo_lightning.data.preprocess import background_stats
-from cryo_lightning.data.resample import plan_scale
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import read_stack
 from cryo_lightning.models.unet import UNet
-from cryo_lightning.tasks.pretrained import (MANIFEST, MANIFEST_ENV, ModelCard, default_model_name, export_weights,
-                                             list_models, load_denoise_task, load_denoiser, load_pretrained,
-                                             range_warnings, resolve_checkpoint)
+from cryo_lightning.tasks.model_registry import (MANIFEST, MANIFEST_ENV, default_model_name, list_models,
+                                                 resolve_checkpoint)
+from cryo_lightning.tasks.pretrained import export_weights, load_denoise_task, load_denoiser, load_pretrained
 from cryo_lightning.tasks.self_supervised import SelfSupervisedDenoiseTask
 from cryo_lightning.tools.denoise import denoise_particles
 
@@ -169,20 +168,6 @@ def test_init_ckpt_takes_a_shipped_name(registry, monkeypatch):
         task = SelfSupervisedDenoiseTask(UNet(depth=2, channels=4), init_ckpt=spec)
         task.configure_model()
         assert all(torch.equal(v, shipped[k]) for k, v in task.net.state_dict().items())
-
-
-def test_range_warnings_name_the_values_and_the_ranges():
-    card = ModelCard("m", "single-image", box=64, pixel_size_range=(4.0, 6.0), snr_range=(0.05, 0.5))
-    plan = plan_scale(128, 1.0, card.pixel_size_range)
-    lines = range_warnings(card, plan, snr=0.001)
-    assert lines == [
-        "pixel size 1 A is outside the range model m was trained at (4-6 A); the model sees the particles "
-        "resampled to 4 A",
-        "box 32 at the model's pixel size (4 A) differs from the training box 64 of model m",
-        "estimated SNR 0.001 of the particles is outside the range model m was trained at (0.05-0.5, by more "
-        "than a factor 2)"]
-    assert range_warnings(card, plan_scale(64, 5.0, card.pixel_size_range), snr=0.1) == []
-    assert range_warnings(ModelCard("u", "single-image"), plan_scale(64, 1.0), snr=1e-4) == []  # nothing known
 
 
 def test_shipped_registry_is_valid():

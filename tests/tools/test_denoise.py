@@ -19,7 +19,8 @@ from cryo_lightning.data.context_sets import context_sets
 from cryo_lightning.data.preprocess import background_normalize, background_stats
 from cryo_lightning.data.resample import plan_scale
 from cryo_lightning.io.mrc import read_stack, write_stack
-from cryo_lightning.tasks.pretrained import MANIFEST_ENV, export_weights, load_pretrained
+from cryo_lightning.tasks.model_registry import MANIFEST_ENV
+from cryo_lightning.tasks.pretrained import export_weights, load_pretrained
 from cryo_lightning.tools.common import open_particle_input
 from cryo_lightning.tools.denoise import rotation_invariant_embedding
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from cryo_lightning.cli import main
-from cryo_lightning.tasks.pretrained import MANIFEST_ENV
+from cryo_lightning.tasks.model_registry import MANIFEST_ENV
 
 ENTRY = {"name": "tiny-unet", "file": "tiny-unet.pt", "kind": "single-image", "description": "a test U-Net",
          "config": "configs/denoise_unet_cpu.yaml",
