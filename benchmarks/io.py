@@ -30,7 +30,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cryo_lightning.data.particles import ParticleDataModule, nonfinite_rows
+from cryo_lightning.data.particles import ParticleDataModule
+
+from cryo_lightning.data.particle_source import nonfinite_rows
 from cryo_lightning.data.preprocess import PreprocessConfig
 from cryo_lightning.io.particles import read_particles
 from cryo_lightning.io.star import image_names, optics_block, write_particles_star

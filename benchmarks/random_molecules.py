@@ -27,7 +27,7 @@ import torch
 
 from realmaps import ROOT, cryol_command, machine, run_cli, shipped_models, summary, to_clean_units
 
-from cryo_lightning.data.particles import metadata_batch, open_particles
+from cryo_lightning.data.particle_source import metadata_batch, open_particles
 from cryo_lightning.denoise.cwf import cwf_denoise
 from cryo_lightning.denoise.wiener import wiener_denoise
 from cryo_lightning.io.mrc import read_stack

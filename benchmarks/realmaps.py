@@ -202,7 +202,7 @@ def simulate_clean(name: str, volume: torch.Tensor, pixel: float, n: int, seed: 
 
 def load_aspire(data: Path, n: int, device) -> Stack:
     """The ASPIRE simulation, sign-flipped to RELION's convention (ASPIRE's CTF is -RELION's)."""
-    from cryo_lightning.data.particles import open_particles
+    from cryo_lightning.data.particle_source import open_particles
 
     folder = data / ASPIRE
     source = open_particles(folder / "particles.star")

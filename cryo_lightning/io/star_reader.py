@@ -5,6 +5,10 @@ optics groups into the particles, resolves the pixel size, converts shifts to An
 that the CTF parameters are complete. Everything is vectorised over particles: a 500,000-row
 RELION 3.1 file (23 particle columns, 6 optics groups, 135 MB) takes about 2.7 s on one core
 (starfile 0.5.13, pandas 3.1), of which about 2.1 s is ``starfile.read`` itself.
+
+It is one concept over 450 lines: every function below serves :func:`read_star`'s single pass
+(locating the blocks, converting each label with row-level error messages, resolving pixel sizes,
+origins and CTF completeness) and none is used elsewhere.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def open_particle_input(path: str | Path, scratch: Path, datadir: str | None, pi
 
     Messages about a plain stack name the stack, never the STAR written to describe it.
     """
-    from cryo_lightning.data.particles import open_particles
+    from cryo_lightning.data.particle_source import open_particles
 
     path = Path(path)
     if path.suffix.lower() not in (".mrcs", ".mrc"):

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from cryo_lightning.data.context_sets import context_sets
-from cryo_lightning.data.particles import ParticleSource, preprocess_rows
+from cryo_lightning.data.particle_source import ParticleSource, preprocess_rows
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
 from cryo_lightning.data.resample import ScalePlan, estimate_snr
 from cryo_lightning.io.errors import InputError

@@ -37,8 +37,8 @@ from tqdm import tqdm
 from cryo_lightning.abinitio.evaluation import (MomentConsistency, cross_validation_frc, half_map_fsc, half_sets,
                                                image_moment_consistency, shell_frequencies)
 from cryo_lightning.abinitio.image_moments import group_by_defocus
-from cryo_lightning.data.particles import (ParticleSource, metadata_batch, nonfinite_rows, preprocess_rows,
-                                           without_nonfinite)
+from cryo_lightning.data.particle_source import (ParticleSource, metadata_batch, nonfinite_rows, preprocess_rows,
+                                                 without_nonfinite)
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor, background_stats
 from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError

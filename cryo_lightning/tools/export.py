@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from cryo_lightning.io.errors import InputError
-from cryo_lightning.io.particles import read_particles
 from cryo_lightning.io.particle_writer import export_subset
+from cryo_lightning.io.particles import read_particles
 from cryo_lightning.tools.common import parse_assume, tool_parser
 
 __all__ = ["read_rows", "main"]

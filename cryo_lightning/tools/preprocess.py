@@ -19,7 +19,7 @@ from jsonargparse.typing import PositiveInt
 import numpy as np
 import torch
 
-from cryo_lightning.data.particles import estimate_noise_psd, open_particles, preprocessed_chunks
+from cryo_lightning.data.particle_source import estimate_noise_psd, open_particles, preprocessed_chunks
 from cryo_lightning.data.preprocess import CTF_MODES, PreprocessConfig, Preprocessor
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.mrc import StackWriter

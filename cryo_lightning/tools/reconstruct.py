@@ -48,7 +48,7 @@ from cryo_lightning.abinitio.common_lines import detect_common_lines
 from cryo_lightning.abinitio.image_moments import defocus_bins
 from cryo_lightning.abinitio.least_squares_reconstruction import reconstruct
 from cryo_lightning.abinitio.synchronization import estimate_rotations
-from cryo_lightning.data.particles import ParticleSource, metadata_batch, preprocessed_chunks
+from cryo_lightning.data.particle_source import ParticleSource, metadata_batch, preprocessed_chunks
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
 from cryo_lightning.io.atomic_write import atomic_path
 from cryo_lightning.io.errors import InputError

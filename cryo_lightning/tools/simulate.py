@@ -35,12 +35,12 @@ from cryo_lightning.io.output_set import output_set
 from cryo_lightning.io.particle_table import CS_RANGE_MM, MIN_DEFOCUS_A, VOLTAGE_RANGE_KV
 from cryo_lightning.io.star import image_names, optics_block, write_particles_star
 from cryo_lightning.io.volume_source import load_volume
-from cryo_lightning.tools.common import pick_device
 from cryo_lightning.physics.ctf import ctf_2d, random_ctf_params
 from cryo_lightning.physics.image_formation import clean_images
 from cryo_lightning.physics.noise import disk_mask
 from cryo_lightning.physics.projection import volume_spectrum
 from cryo_lightning.physics.rotations import euler_to_matrix, matrix_to_euler, random_rotations
+from cryo_lightning.tools.common import pick_device
 
 __all__ = ["SimulateSettings", "simulate", "main"]
 

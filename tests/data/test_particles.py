@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from cryo_lightning.data.particles import ParticleDataModule, open_particles
+from cryo_lightning.data.particles import ParticleDataModule
+
+from cryo_lightning.data.particle_source import open_particles
 from cryo_lightning.data.preprocess import PreprocessConfig
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.star import image_names, optics_block, write_particles_star

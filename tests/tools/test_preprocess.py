@@ -80,7 +80,7 @@ def test_export_random_subset(shared_data, tmp_path):
 
 
 def test_phase_flipped_output_reads_back_as_phase_flipped(relion31, tmp_path):
-    from cryo_lightning.data.particles import open_particles
+    from cryo_lightning.data.particle_source import open_particles
 
     out = tmp_path / "flipped"
     main(["preprocess", "--star", str(relion31 / "relion31.star"), "--out", str(out), "--phase-flip"])
