@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cryo_lightning.abinitio.invariant_features import rotation_invariant_features
 from cryo_lightning.data.context_sets import context_sets
 from cryo_lightning.data.particle_source import ParticleSource, preprocess_rows
 from cryo_lightning.data.preprocess import PreprocessConfig, Preprocessor
@@ -37,31 +38,36 @@ from cryo_lightning.io.mrc import StackWriter
 from cryo_lightning.io.output_set import output_set
 from cryo_lightning.io.particle_writer import write_star_for_stack
 from cryo_lightning.physics.noise import estimate_noise_variance
-from cryo_lightning.physics.polar import PolarSpectrum
 from cryo_lightning.tools.common import (add_flag, open_particle_input, parse_assume, pick_device, prepare_outputs,
                                          tool_parser)
 
 __all__ = ["denoise_particles", "main"]
 
 
-def rotation_invariant_embedding(images: torch.Tensor, n_radii: int = 12, n_angles: int = 32) -> torch.Tensor:
-    """Features of ``(n, L, L)`` images unchanged by in-plane rotation: magnitudes of the angular
-    Fourier coefficients of the low-frequency polar spectrum, L2-normalised. ``(n, D)``."""
-    L = images.shape[-1]
-    polar = PolarSpectrum(L, n_radii, n_angles).to(images.device)
-    spec = polar(images)[:, : n_radii // 2 + 1]  # low frequencies carry the signal
-    feats = torch.fft.fft(spec, dim=-1).abs()[..., : n_angles // 2].flatten(1)
-    return feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+# Larger model inputs are Fourier-cropped to this box for the --context neighbours embedding
+# (rotation_invariant_features' max_box): its time and memory grow as L^4, and cropping simulated
+# 64-pixel particles to half their band found equally close neighbours.
+_EMBEDDING_BOX = 64
 
 
 @torch.no_grad()
-def _embedding(net: torch.nn.Module, prepared: dict) -> torch.Tensor:
-    """The model's own learned embedding when it has one (the rotational set transformer's class
-    memberships), else :func:`rotation_invariant_embedding`: ``(n, D)`` for grouping neighbours."""
+def _embedding(net: torch.nn.Module, prepare, rows: np.ndarray, batch: int = 1024) -> torch.Tensor:
+    """``(n, D)`` for grouping the particles ``rows`` into neighbour sets: the model's own learned
+    embedding when it has one (the rotational set transformer's class memberships), else
+    :func:`~cryo_lightning.abinitio.invariant_features.rotation_invariant_features` (CWF-denoised,
+    CTF-aware bispectrum invariants), which depend on the whole set: the rows are embedded
+    together. ``prepare`` gives the model's inputs, ``batch`` rows at a time."""
+    prepared = (prepare(rows[i : i + batch]) for i in range(0, len(rows), batch))
+
+    def ctf_of(p: dict) -> torch.Tensor | None:
+        ctf = p.get("ctf")
+        return None if ctf is None else ctf.expand_as(p["images"])
+
     if hasattr(net, "embedding"):
-        ctf = prepared.get("ctf")
-        return net.embedding(prepared["images"], None if ctf is None else ctf.expand_as(prepared["images"]))
-    return rotation_invariant_embedding(prepared["images"])
+        return torch.cat([net.embedding(p["images"], ctf_of(p)) for p in prepared])
+    images, ctfs = zip(*((p["images"], ctf_of(p)) for p in prepared))
+    ctf = None if any(c is None for c in ctfs) else torch.cat(ctfs)
+    return rotation_invariant_features(torch.cat(images), ctf, max_box=_EMBEDDING_BOX)
 
 
 def denoise_particles(
@@ -132,8 +138,7 @@ def _run(task, card, source: ParticleSource, star: Path, out: Path, set_size: in
                 chunk = np.arange(start, min(start + chunk_particles, n))
                 embedding = None
                 if context == "neighbours":
-                    embedding = torch.cat([_embedding(task.net, prepare(chunk[i:i + 1024]))
-                                           for i in range(0, len(chunk), 1024)])
+                    embedding = _embedding(task.net, prepare, chunk)
                 sets = [chunk[s] for s in context_sets(len(chunk), set_size, context, seed + start, embedding)]
                 i, batch = 0, batch_sets
                 while i < len(sets):

@@ -14,6 +14,7 @@ import pytest
 import starfile
 import torch
 
+from cryo_lightning.abinitio.invariant_features import rotation_invariant_features
 from cryo_lightning.cli import main
 from cryo_lightning.data.context_sets import context_sets
 from cryo_lightning.data.preprocess import background_normalize, background_stats
@@ -22,7 +23,6 @@ from cryo_lightning.io.mrc import read_stack, write_stack
 from cryo_lightning.tasks.model_registry import MANIFEST_ENV
 from cryo_lightning.tasks.pretrained import export_weights, load_pretrained
 from cryo_lightning.tools.common import open_particle_input
-from cryo_lightning.tools.denoise import rotation_invariant_embedding
 
 
 CONFIG = """
@@ -88,7 +88,7 @@ def test_context_sets_partition_and_group_similar_images():
     a, b = torch.randn(2, 24, 24, generator=g)
     images = torch.stack([torch.rot90(a, k % 4) if k < 8 else torch.rot90(b, k % 4) for k in range(16)])
     images = images + 0.05 * torch.randn(16, 24, 24, generator=g)
-    emb = rotation_invariant_embedding(images)
+    emb = rotation_invariant_features(images)  # the fallback of --context neighbours
     for s in context_sets(16, 8, "neighbours", embedding=emb):
         assert len({int(k) < 8 for k in s}) == 1
 
