@@ -7,11 +7,11 @@ structure families, each molecule with its own pixel size; CTF, shifts), seeded 
 ``--molecules`` molecules, seen by set methods as consecutive sets of ``N``. Methods (rows with
 ``method``):
 
-- ``transformer``: ``configs/denoise_rotational_transformer_cpu.yaml`` (its last checkpoint);
+- ``transformer``: ``configs/base/denoise_structures_l32.yaml`` + ``configs/denoise_rotational_transformer_cpu.yaml`` (its last checkpoint);
 - ``polar``: the earlier polar set model (``configs/denoise_transformer_cpu.yaml``, after its base
   ``configs/base/denoise_synthetic_l32.yaml``; trained on the bead molecules of issue 4, so it is
   off its training distribution here);
-- ``unet_converged``: ``configs/denoise_unet_converged_cpu.yaml`` (same data as the transformer);
+- ``unet_converged``: ``configs/base/denoise_structures_l32.yaml`` + ``configs/denoise_unet_converged_cpu.yaml`` (same data as the transformer);
 - ``cwf``: covariance Wiener filter with the set's own statistics; ``cwf_prior``: with the polar
   model's population prior; ``cwf_truth``: with the molecule's own noise-free statistics
   (``--reference-images`` clean projections at other poses): the best linear set estimator;
@@ -48,20 +48,26 @@ from denoise_limits import known_pose_posterior  # noqa: E402
 from cryo_lightning.data.molecule_bank import MoleculeBank  # noqa: E402
 from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig  # noqa: E402
 from cryo_lightning.denoise.cwf import cwf_denoise  # noqa: E402
+from cryo_lightning.launch.freeze import resolve_config  # noqa: E402
 from cryo_lightning.denoise.population_prior import PopulationPrior  # noqa: E402
 from cryo_lightning.physics.steerable_basis import fourier_bessel_basis  # noqa: E402
 
-CONFIGS = {
-    "transformer": "configs/denoise_rotational_transformer_cpu.yaml",
-    "polar": "configs/denoise_transformer_cpu.yaml",
-    "unet_converged": "configs/denoise_unet_converged_cpu.yaml",
+CONFIGS = {  # each network's configs in the order they compose: its base, then its own file
+    "transformer": ["configs/base/denoise_structures_l32.yaml", "configs/denoise_rotational_transformer_cpu.yaml"],
+    "polar": ["configs/base/denoise_synthetic_l32.yaml", "configs/denoise_transformer_cpu.yaml"],
+    "unet_converged": ["configs/base/denoise_structures_l32.yaml", "configs/denoise_unet_converged_cpu.yaml"],
 }
 
 
-def checkpoint(config: str) -> Path:
-    """The ``last.ckpt`` in CONFIG's run folder (``trainer.default_root_dir``, which every
-    experiment's own file sets, also one that goes after a base)."""
-    root = yaml.safe_load((ROOT / config).read_text())["trainer"]["default_root_dir"]
+def fit_command(configs: list[str]) -> str:
+    """The command that trains a network, from the repository root (as the rows record it)."""
+    return "cryol fit " + " ".join(f"--config {c}" for c in configs)
+
+
+def checkpoint(configs: list[str]) -> Path:
+    """The ``last.ckpt`` in the run folder (``trainer.default_root_dir``, which every
+    experiment's own file, the last one, sets)."""
+    root = yaml.safe_load((ROOT / configs[-1]).read_text())["trainer"]["default_root_dir"]
     return ROOT / root / "checkpoints" / "last.ckpt"
 
 
@@ -139,7 +145,8 @@ def main() -> None:
     device = torch.device("cpu")
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    data_cfg = yaml.safe_load((ROOT / CONFIGS["transformer"]).read_text())["data"]["init_args"]
+    data_cfg = resolve_config(["fit", *(a for c in CONFIGS["transformer"] for a in ("--config", str(ROOT / c)))])
+    data_cfg = data_cfg["data"]["init_args"]
     L = int(data_cfg["box"])
     sim_cfg = SimulationConfig(**{**data_cfg["simulation"], "snr": tuple(data_cfg["simulation"]["snr"])})
     bank = MoleculeBank(L, "test", int(data_cfg["n_test_molecules"]), int(data_cfg["seed"]),
@@ -151,7 +158,7 @@ def main() -> None:
         if name in args.skip:
             continue
         if not ckpt.is_file():
-            print(f"{name}: {ckpt} not found (cryol fit --config {config}); left out")
+            print(f"{name}: {ckpt} not found ({fit_command(config)}); left out")
             continue
         nets[name], steps[name] = load(ckpt, device), trained_steps(ckpt)
     basis = fourier_bessel_basis(L, device)
@@ -202,7 +209,7 @@ def main() -> None:
             for method, values in merged.items():
                 mean, ci = summary(values)
                 rows.append({"method": method, "snr": snr, "n": n, "rel_mse": mean, "ci95": ci, "L": L,
-                             "config": CONFIGS.get(method), "steps": steps.get(method), "images": int(len(values))})
+                             "config": fit_command(CONFIGS[method]) if method in CONFIGS else None, "steps": steps.get(method), "images": int(len(values))})
             print(f"SNR 1/{1 / snr:.0f} N={n}: " + ", ".join(f"{m} {v.mean():.3f}" for m, v in merged.items())
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
             args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))

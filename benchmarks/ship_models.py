@@ -3,9 +3,9 @@
 For each ``NAME=CHECKPOINT=CONFIG`` this exports the checkpoint's weights
 (``cryo_lightning.tasks.pretrained.export_weights``: no optimizer state) to
 ``cryo_lightning/pretrained/NAME.pt`` and writes its registry entry: kind, training box,
-pixel-size and SNR ranges and set size from the config's data block (CONFIG goes after the base
-of the shipped models' training stages, ``configs/base/denoise_realistic_l64.yaml``, as in every
-``cryol fit`` command of theirs), the training command, the
+pixel-size and SNR ranges and set size from the config's resolved data block (CONFIG goes after
+the base that its header's command names, e.g. ``configs/base/denoise_realistic_l64.yaml`` for the
+shipped models' training stages), the training command, the
 wall time and machine (from the run's TensorBoard events), and held-out numbers: the relative MSE
 per real map and SNR of ``benchmarks/results/realmaps.json`` when it has rows for the model, and
 the model's own validation curve (first and last ``val/rel_mse``). The first name is the default.
@@ -21,6 +21,7 @@ import argparse
 import glob
 import json
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -31,7 +32,6 @@ from cryo_lightning.tasks.model_registry import MANIFEST
 from cryo_lightning.tasks.pretrained import export_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = "configs/base/denoise_realistic_l64.yaml"  # the network and training distribution of every stage
 DESCRIPTIONS = {
     "wiener": "U-Net refining the radial CTF-aware Wiener filter of its set (in effect single-image)",
     "cwf": "U-Net refining the covariance Wiener filter (CWF) of its context set",
@@ -78,7 +78,11 @@ def _stages(config: str, ckpt: Path) -> list[tuple[str, Path]]:
 
 
 def _fit_args(config: str) -> list[str]:
-    return ["--config", BASE, "--config", config]
+    """``--config`` arguments of a stage: the base its header's command names (the shipped
+    models' stages name configs/base/denoise_realistic_l64.yaml), then the config itself."""
+    header = "\n".join(line for line in (ROOT / config).read_text().splitlines() if line.startswith("#"))
+    found = re.search(r"--config (configs/base/\S+\.yaml) --config " + re.escape(config), header)
+    return (["--config", found.group(1)] if found else []) + ["--config", config]
 
 
 def _resolved(config: str) -> dict:
