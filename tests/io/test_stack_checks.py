@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pytest
 
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.stack_checks import check_box, check_pixel_size
 from cryo_lightning.io.stack_header import read_stack_info
-
-
-def _write(path: Path, data: np.ndarray, voxel_size: float | None = None) -> Path:
-    with mrcfile.new(path, overwrite=True) as m:
-        m.set_data(data)
-        m.set_image_stack()
-        if voxel_size is not None:
-            m.voxel_size = voxel_size
-    return path
+from tests.io.conftest import write_mrc_stack
 
 
 def test_box_check_on_relion5_numbers(shared_data):
@@ -40,7 +30,7 @@ def test_box_check_on_relion5_numbers(shared_data):
 
 
 def test_non_square_images_are_refused(tmp_path):
-    info = read_stack_info(_write(tmp_path / "rect.mrcs", np.zeros((2, 16, 20), np.float32)))
+    info = read_stack_info(write_mrc_stack(tmp_path / "rect.mrcs", np.zeros((2, 16, 20), np.float32)))
     with pytest.raises(InputError, match="non-square") as err:
         check_box([info], -1, tmp_path / "p.star")
     assert "16x20" in str(err.value)
@@ -64,7 +54,7 @@ def test_pixel_size_check(shared_data, tmp_path):
     assert sta[0].pixel_size == pytest.approx(1.0)
     assert check_pixel_size(sta, 1.96, real / "cryodrgn/sta_testing_bin8.star") is None
     # A binned stack whose header knows its pixel size is caught.
-    bin8 = _write(tmp_path / "bin8.mrcs", np.zeros((2, 8, 8), np.float32), voxel_size=15.68)
+    bin8 = write_mrc_stack(tmp_path / "bin8.mrcs", np.zeros((2, 8, 8), np.float32), voxel_size=15.68)
     binned = [read_stack_info(bin8)]
     warning = check_pixel_size(binned, {binned[0].path: 1.96}, "sta.star")
     assert warning is not None and "15.68" in warning and "1.96" in warning

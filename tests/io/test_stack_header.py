@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pytest
 
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.stack_header import read_stack_info
-
-
-def _write(path: Path, data: np.ndarray, voxel_size: float | None = None) -> Path:
-    with mrcfile.new(path, overwrite=True) as m:
-        m.set_data(data)
-        m.set_image_stack()
-        if voxel_size is not None:
-            m.voxel_size = voxel_size
-    return path
+from tests.io.conftest import write_mrc_stack
 
 
 def test_header_details_of_fixtures(shared_data):
@@ -31,7 +21,7 @@ def test_header_details_of_fixtures(shared_data):
 
 
 def test_truncated_stack_names_both_sizes(tmp_path):
-    path = _write(tmp_path / "cut.mrcs", np.ones((5, 16, 16), np.float32))
+    path = write_mrc_stack(tmp_path / "cut.mrcs", np.ones((5, 16, 16), np.float32))
     full = path.stat().st_size
     os.truncate(path, full - 100)
     with pytest.raises(InputError, match="truncated") as err:
@@ -41,7 +31,7 @@ def test_truncated_stack_names_both_sizes(tmp_path):
 
 
 def test_unsupported_mode_and_non_mrc_files(tmp_path):
-    path = _write(tmp_path / "complex.mrcs", np.ones((2, 8, 8), np.complex64))
+    path = write_mrc_stack(tmp_path / "complex.mrcs", np.ones((2, 8, 8), np.complex64))
     with pytest.raises(InputError, match="mode 4") as err:
         read_stack_info(path)
     assert str(path) in str(err.value)

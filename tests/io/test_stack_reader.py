@@ -17,6 +17,7 @@ import pytest
 from cryo_lightning.io.errors import InputError
 from cryo_lightning.io.stack_header import read_stack_info
 from cryo_lightning.io.stack_reader import StackReader
+from tests.io.conftest import write_mrc_stack
 
 # Every particle-stack fixture: (path under real/, (n, ny, nx), numpy dtype).
 FIXTURE_STACKS = [
@@ -46,15 +47,6 @@ def _reference(path: Path) -> np.ndarray:
         with mrcfile.open(path, permissive=True) as m:
             data = np.array(m.data)
     return data.reshape((-1,) + data.shape[-2:])
-
-
-def _write(path: Path, data: np.ndarray, voxel_size: float | None = None) -> Path:
-    with mrcfile.new(path, overwrite=True) as m:
-        m.set_data(data)
-        m.set_image_stack()
-        if voxel_size is not None:
-            m.voxel_size = voxel_size
-    return path
 
 
 def _random_requests(rng, sizes, n):
@@ -114,7 +106,7 @@ def test_integer_half_and_big_endian_stacks(tmp_path, dtype, mode):
     rng = np.random.default_rng(2)
     data = rng.integers(-100 if np.dtype(dtype).kind != "u" else 0, 100, (9, 12, 12))
     data = data.astype(dtype)
-    path = _write(tmp_path / "s.mrcs", data)
+    path = write_mrc_stack(tmp_path / "s.mrcs", data)
     info = read_stack_info(path)
     assert info.dtype == np.dtype(dtype) and info.n == 9
     with mrcfile.open(path, header_only=True) as m:
@@ -126,10 +118,10 @@ def test_integer_half_and_big_endian_stacks(tmp_path, dtype, mode):
 
 
 def test_all_header_problems_are_reported_together(tmp_path):
-    good = _write(tmp_path / "good.mrcs", np.zeros((2, 8, 8), np.float32))
-    cut = _write(tmp_path / "cut.mrcs", np.zeros((4, 8, 8), np.float32))
+    good = write_mrc_stack(tmp_path / "good.mrcs", np.zeros((2, 8, 8), np.float32))
+    cut = write_mrc_stack(tmp_path / "cut.mrcs", np.zeros((4, 8, 8), np.float32))
     os.truncate(cut, 1024 + 8 * 8 * 4)
-    cplx = _write(tmp_path / "complex.mrcs", np.ones((2, 8, 8), np.complex64))
+    cplx = write_mrc_stack(tmp_path / "complex.mrcs", np.ones((2, 8, 8), np.complex64))
     with pytest.raises(InputError) as err:
         StackReader([good, cut, tmp_path / "missing.mrcs", cplx])
     msg = str(err.value)
@@ -139,8 +131,8 @@ def test_all_header_problems_are_reported_together(tmp_path):
 
 
 def test_index_out_of_range_names_stack_index_and_size(tmp_path):
-    a = _write(tmp_path / "a.mrcs", np.zeros((3, 8, 8), np.float32))
-    b = _write(tmp_path / "b.mrcs", np.zeros((5, 8, 8), np.float32))
+    a = write_mrc_stack(tmp_path / "a.mrcs", np.zeros((3, 8, 8), np.float32))
+    b = write_mrc_stack(tmp_path / "b.mrcs", np.zeros((5, 8, 8), np.float32))
     reader = StackReader([a, b])
     with pytest.raises(InputError) as err:
         reader.read(np.array([0, 1, 1]), np.array([0, 4, 5]))
@@ -151,8 +143,8 @@ def test_index_out_of_range_names_stack_index_and_size(tmp_path):
 
 
 def test_stacks_of_different_sizes_cannot_share_a_batch(tmp_path):
-    a = _write(tmp_path / "a.mrcs", np.zeros((3, 8, 8), np.float32))
-    b = _write(tmp_path / "b.mrcs", np.zeros((3, 10, 10), np.float32))
+    a = write_mrc_stack(tmp_path / "a.mrcs", np.zeros((3, 8, 8), np.float32))
+    b = write_mrc_stack(tmp_path / "b.mrcs", np.zeros((3, 10, 10), np.float32))
     reader = StackReader([a, b])
     assert reader.read(np.array([1, 1]), np.array([0, 2])).shape == (2, 10, 10)
     with pytest.raises(InputError, match="different sizes"):
@@ -161,7 +153,7 @@ def test_stacks_of_different_sizes_cannot_share_a_batch(tmp_path):
 
 def test_out_buffer_and_empty_requests(tmp_path):
     data = np.random.default_rng(3).standard_normal((6, 8, 8)).astype(np.float32)
-    reader = StackReader([_write(tmp_path / "a.mrcs", data)])
+    reader = StackReader([write_mrc_stack(tmp_path / "a.mrcs", data)])
     buf = np.full((3, 8, 8), np.nan, np.float32)
     assert reader.read(np.zeros(3, np.int64), np.array([5, 1, 2]), out=buf) is buf
     np.testing.assert_array_equal(buf, data[[5, 1, 2]])
@@ -173,7 +165,7 @@ def test_out_buffer_and_empty_requests(tmp_path):
 def test_pickles_small_and_reads_the_same_after(tmp_path):
     rng = np.random.default_rng(4)
     stacks = [rng.standard_normal((20, 32, 32)).astype(np.float32) for _ in range(3)]
-    paths = [_write(tmp_path / f"s{k}.mrcs", s) for k, s in enumerate(stacks)]
+    paths = [write_mrc_stack(tmp_path / f"s{k}.mrcs", s) for k, s in enumerate(stacks)]
     reader = StackReader(paths)
     sid, idx = _random_requests(rng, [20, 20, 20], 50)
     before = reader.read(sid, idx)  # leaves files open in the cache
@@ -186,7 +178,7 @@ def test_pickles_small_and_reads_the_same_after(tmp_path):
 
 def test_open_files_are_bounded_by_the_lru(tmp_path):
     data = [np.full((4, 8, 8), k, np.float32) for k in range(6)]
-    paths = [_write(tmp_path / f"s{k}.mrcs", d) for k, d in enumerate(data)]
+    paths = [write_mrc_stack(tmp_path / f"s{k}.mrcs", d) for k, d in enumerate(data)]
     reader = StackReader(paths, max_open_files=2)
 
     def open_fds() -> int:
@@ -208,7 +200,7 @@ def test_open_files_are_bounded_by_the_lru(tmp_path):
 def test_threads_read_concurrently(tmp_path):
     rng = np.random.default_rng(5)
     stacks = [rng.standard_normal((30, 16, 16)).astype(np.float32) for _ in range(4)]
-    paths = [_write(tmp_path / f"s{k}.mrcs", s) for k, s in enumerate(stacks)]
+    paths = [write_mrc_stack(tmp_path / f"s{k}.mrcs", s) for k, s in enumerate(stacks)]
     reader = StackReader(paths, max_open_files=1)  # evictions in every thread
     jobs = [_random_requests(np.random.default_rng(k), [30] * 4, 64) for k in range(16)]
 
@@ -234,7 +226,7 @@ def _read_in_child(queue) -> None:
 def test_forked_process_reopens_its_files(tmp_path):
     global _FORK_READER
     data = np.arange(3 * 8 * 8, dtype=np.float32).reshape(3, 8, 8)
-    _FORK_READER = StackReader([_write(tmp_path / "a.mrcs", data)])
+    _FORK_READER = StackReader([write_mrc_stack(tmp_path / "a.mrcs", data)])
     _FORK_READER.read(np.array([0]), np.array([0]))  # the parent has the file open
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
@@ -314,7 +306,7 @@ def test_two_gb_stack_streams_under_one_gb_address_space(tmp_path):
 
 def test_long_scattered_run_and_short_reads(tmp_path, monkeypatch):
     data = np.random.default_rng(6).standard_normal((1500, 4, 4)).astype(np.float32)
-    path = _write(tmp_path / "long.mrcs", data)
+    path = write_mrc_stack(tmp_path / "long.mrcs", data)
     reader = StackReader([path])
     idx = np.arange(1500)[::-1]  # one run, scattered over the output (several vectored reads)
     np.testing.assert_array_equal(reader.read(np.zeros(1500, np.int64), idx), data[idx])
@@ -333,7 +325,7 @@ def test_long_scattered_run_and_short_reads(tmp_path, monkeypatch):
 
 
 def test_stack_shrunk_after_its_header_was_read(tmp_path):
-    path = _write(tmp_path / "a.mrcs", np.ones((6, 8, 8), np.float32))
+    path = write_mrc_stack(tmp_path / "a.mrcs", np.ones((6, 8, 8), np.float32))
     reader = StackReader([path])
     os.truncate(path, 1024 + 2 * 8 * 8 * 4)
     with pytest.raises(InputError, match="shorter than when its header was read"):
