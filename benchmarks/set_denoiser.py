@@ -26,6 +26,7 @@ steps}), ``set_denoiser_mse_vs_n.png`` (one panel per SNR) and ``set_denoiser_at
 viewing directions, with the share within ``--near-degrees`` against chance).
 
     python benchmarks/set_denoiser.py                       # after training the configs above
+    python benchmarks/set_denoiser.py --merge --skip recon_true_poses oracle cwf_truth   # networks again, reference rows kept
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ def main() -> None:
     p.add_argument("--attention-snr", type=float, default=0.25, help="SNR of the attention figure")
     p.add_argument("--skip", nargs="*", default=[], help="methods to leave out (e.g. recon_true_poses oracle)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "set_denoiser")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of an existing OUT.json that this run does not recompute (e.g. the "
+                        "reference rows, measured once, beside a network trained further)")
     args = p.parse_args()
     device = torch.device("cpu")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +174,8 @@ def main() -> None:
         return lambda b: task(b["noisy"], b["ctf"], b["noise_variance"])
 
     rows = []
+    kept = json.loads(args.out.with_suffix(".json").read_text()) if args.merge and args.out.with_suffix(".json").is_file() else []
+    merged_rows = kept
     for snr in args.snrs:
         for n in args.ns:
             t0 = time.perf_counter()
@@ -212,8 +218,10 @@ def main() -> None:
                              "config": fit_command(CONFIGS[method]) if method in CONFIGS else None, "steps": steps.get(method), "images": int(len(values))})
             print(f"SNR 1/{1 / snr:.0f} N={n}: " + ", ".join(f"{m} {v.mean():.3f}" for m, v in merged.items())
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-            args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    plot(rows, args.out.with_name(args.out.name + "_mse_vs_n.png"))
+            fresh = {(r["method"], r["snr"], r["n"]) for r in rows}
+            merged_rows = [r for r in kept if (r["method"], r["snr"], r["n"]) not in fresh] + rows
+            args.out.with_suffix(".json").write_text(json.dumps(merged_rows, indent=2))
+    plot(merged_rows, args.out.with_name(args.out.name + "_mse_vs_n.png"))
     if "transformer" in nets:
         n = 128 if 128 in args.ns else max(args.ns)
         batch = test_sets(bank, sim_cfg, args.attention_snr, n, n * 4, 4, device)[0]
