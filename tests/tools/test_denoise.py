@@ -120,19 +120,12 @@ def test_denoise_uses_the_denoiser_of_a_joint_checkpoint(shared_data, tmp_path, 
         assert f.data.shape == tuple(read_stack(stack).shape) and np.isfinite(f.data).all()
 
 
-ROTATIONAL_CONFIG = """
-trainer: {accelerator: cpu, max_steps: 2, limit_val_batches: 0, logger: false, enable_progress_bar: false,
-          callbacks: [{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: ckpt, save_last: true}}]}
-model:
-  class_path: cryo_lightning.tasks.denoise.DenoiseTask
-  init_args:
-    net: {class_path: cryo_lightning.models.rotational_transformer.RotationalSetTransformer,
-          init_args: {L: 24, channels: 4, heads: 1, head_dim: 4, layers: 1, classes: 4, hidden: 4}}
-data:
-  class_path: cryo_lightning.data.synthetic.SyntheticSetDataModule
-  init_args: {box: 24, batch_size: 2, train_sets_per_epoch: 4, n_train_molecules: 2,
-              simulation: {set_size: 4, pixel_size: 8.0}}
-"""
+# CONFIG with the rotational set transformer as the network
+ROTATIONAL_CONFIG = CONFIG.replace(
+    """net: {class_path: cryo_lightning.models.set_transformer.PolarSetTransformer,
+          init_args: {L: 24, n_radii: 13, n_angles: 32, heads: 2, layers: 1}}""",
+    """net: {class_path: cryo_lightning.models.rotational_transformer.RotationalSetTransformer,
+          init_args: {L: 24, channels: 4, heads: 1, head_dim: 4, layers: 1, classes: 4, hidden: 4}}""")
 
 
 def test_denoise_serves_the_rotational_transformer_with_its_own_neighbour_embedding(tmp_path, cryol_fit,
