@@ -25,6 +25,7 @@ __all__ = [
     "project_spectrum",
     "project",
     "backproject",
+    "insert_slices",
     "translate_spectrum",
     "project_real_space",
 ]
@@ -246,6 +247,34 @@ def backproject(
 
     _, vjp = torch.func.vjp(forward, zero)
     return vjp(images)[0]
+
+
+def insert_slices(slices: torch.Tensor, rotations: torch.Tensor, L: int, oversampling: int = 2) -> torch.Tensor:
+    """Adjoint of trilinear slicing of a raw padded spectrum: Fourier-space back-projection.
+
+    RELION's back-projector: each slice sample is spread onto the 8 neighbouring voxels of the
+    ``oversampling``-times padded 3D grid with the trilinear weights that
+    :func:`project_spectrum` (``interpolation="linear"``) reads them with. Inserting the data and,
+    separately, the CTF^2 weights and dividing gives the direct Fourier inversion.
+
+    Args:
+        slices: ``(C, M, L, L)`` real channels per slice (e.g. Re, Im of the data and the weights),
+            centred layout.
+        rotations: ``(M, 3, 3)`` RELION matrices.
+        L: box size.
+    Returns:
+        ``(C, Lp, Lp, Lp)`` with ``Lp = oversampling L``, ``(z, y, x)``, centre at ``Lp // 2``.
+    """
+    Lp = int(oversampling) * L
+    index = _slice_index(rotations[None].to(slices.dtype), L, Lp)  # (1, M, L, L, 3)
+    grid = 2.0 * index / (Lp - 1) - 1.0  # as project_spectrum normalises it
+    zero = slices.new_zeros(1, slices.shape[0], Lp, Lp, Lp)
+
+    def sample(data: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(data, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+    _, vjp = torch.func.vjp(sample, zero)
+    return vjp(slices[None])[0][0]
 
 
 def translate_spectrum(spectra: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from cryo_lightning.physics.fourier import fourier_resize, ifft2c
 from cryo_lightning.physics.projection import (
     backproject,
+    insert_slices,
     project,
     project_real_space,
     project_spectrum,
@@ -19,6 +20,7 @@ from cryo_lightning.physics.projection import (
     volume_spectrum,
 )
 from cryo_lightning.physics.rotations import euler_to_matrix, random_rotations
+from cryo_lightning.physics.volumes import random_molecule
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -150,3 +152,30 @@ def test_integer_translation_equals_roll():
     shifts = torch.tensor([[2.0, -3.0]] * 3, dtype=torch.float64)  # (x, y)
     moved = ifft2c(translate_spectrum(spectra, shifts)).real
     torch.testing.assert_close(moved, torch.roll(img, shifts=(-3, 2), dims=(-2, -1)))
+
+
+def test_insert_slices_inverts_slicing_where_the_slices_are_dense():
+    """Direct Fourier inversion: inserting noise-free slices and their unit weights and dividing
+    gives back the padded spectrum they were cut from (trilinear smoothing aside)."""
+    L = 16
+    volume = random_molecule(L, torch.Generator().manual_seed(3))
+    spectrum = volume_spectrum(volume, 2, "linear")
+    rotations = random_rotations(3000, generator=torch.Generator().manual_seed(0))
+    slices = project_spectrum(spectrum, rotations)
+    inside = (slices.abs() > 0).to(slices.real.dtype)
+    grid = insert_slices(torch.stack([slices.real, slices.imag, inside]), rotations, L)
+    assert grid.shape == (3, 2 * L, 2 * L, 2 * L)
+    truth = torch.complex(spectrum.data[0, 0], spectrum.data[0, 1])
+    q = torch.arange(2 * L) - L
+    radius = torch.sqrt(q[:, None, None] ** 2 + q[None, :, None] ** 2 + q[None, None, :] ** 2)
+    dense = radius < 0.8 * L  # within 0.4 cycles/pixel
+    estimate = torch.complex(grid[0], grid[1])[dense] / grid[2][dense]
+    error = float((estimate - truth[dense]).norm() / truth[dense].norm())
+    # trilinear interpolation is accurate to ~3e-2 per pass (volume_spectrum's docstring); slicing
+    # then inserting is two passes: 0.087 measured, the same at 20000 slices (not a density gap)
+    assert error < 0.1, error
+    gain = (estimate * truth[dense].conj()).sum().real / truth[dense].abs().square().sum()
+    assert 0.95 < float(gain) < 1.0, gain
+    # the weights count the samples: each spreads a total weight of one (a few at Nyquist fall
+    # partly off the padded grid's last plane)
+    assert 0.98 < float(grid[2].sum()) / float(inside.sum()) <= 1.0

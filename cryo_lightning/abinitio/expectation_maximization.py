@@ -1,0 +1,293 @@
+"""Expectation maximisation over poses and shifts: a 3D map from images whose poses are unknown,
+and the posterior mean of each image given that map.
+
+The model is RELION's: image ``i`` is ``Y_i = C_i P_hat(R) exp(2 pi i k . o) + noise`` with white
+Gaussian noise of per-pixel variance ``sigma^2``, the rotation ``R`` uniform over a grid of ``M``
+rotations and the origin ``o`` uniform over a grid of ``S`` shifts. Each iteration
+
+1. **E-step**: the posterior weight of every (shift, rotation) for every image, from the
+   log-likelihood ``(Re sum_k conj(Y_is) C_i P_m - 1/2 sum_k C_i^2 |P_m|^2) / (sigma^2 L^2)``
+   summed over the frequencies ``|k| <= k_max`` that the current map resolves (``Y_is`` the image
+   with shift ``s`` undone): two matrix products per chunk of the grid;
+2. **M-step**: direct Fourier inversion, as RELION's back-projector does: the weighted sums
+   ``sum_is w_ism C_i Y_is`` and ``sum_i w_im C_i^2`` are inserted into a twice-oversampled 3D
+   spectrum by the adjoint of the projector's trilinear interpolation, separately for two random
+   half sets; their Fourier shell correlation gives the signal-to-noise ratio per shell, and the
+   map is the Wiener estimate ``sum C Y / (sum C^2 + tau^-2)`` with ``tau^-2`` from that ratio
+   (RELION's ``tau2_fudge = 1``), masked by a soft sphere;
+3. **resolution**: the next ``k_max`` is where the half-set FSC falls below 0.143, plus two shells
+   (at most two more than the current one), so early iterations align coarse features only.
+
+The grid is turned by a random rotation every iteration, so that the poses it samples are not
+always the same ones. Ab initio, the first map is the reconstruction from random poses, low-passed
+to ``initial_shell``: a blob with the images' power, from which EM grows a structure.
+
+The half-set FSC is *not* an independent resolution estimate here (both halves are aligned to
+the same map, so noise fitted by the alignment correlates); it sets the Wiener filter and the
+resolution schedule, as it does in RELION's refinement before the gold-standard split.
+
+Costs per iteration and set: ``O(N S M K)`` for the E-step (``K`` the frequencies used) and
+``O(N S M L^2)`` for the sums of the M-step; memory ``O(N S M)`` for the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from cryo_lightning.denoise.oracle import rotation_grid
+from cryo_lightning.physics.fourier import fft2c, fft3c, frequency_grid, ifft2c, ifft3c, radial_grid
+from cryo_lightning.physics.noise import estimate_noise_variance
+from cryo_lightning.physics.projection import insert_slices, project_spectrum, translate_spectrum, volume_spectrum
+from cryo_lightning.physics.rotations import random_rotations
+
+__all__ = ["EMResult", "shift_grid", "expectation_maximization"]
+
+_OVERSAMPLING = 2
+_M_STEP_MARGIN = 4  # shells beyond the E-step's limit that the M-step reconstructs
+
+
+@dataclass
+class EMResult:
+    """What :func:`expectation_maximization` returns.
+
+    Attributes:
+        volume: ``(B, L, L, L)`` the final maps, ``(z, y, x)``, in the images' units per voxel.
+        denoised: ``(B, N, L, L)`` posterior mean of each clean, CTF-affected image given its map.
+        fsc: ``(B, L // 2 + 1)`` half-set FSC of the last M-step (not independent: module docstring).
+        k_max: ``(B,)`` the last E-step's frequency limit (pixels of the spectrum).
+        max_weight: ``(B, N)`` each image's largest posterior weight (1: one pose; ``1 / (S M)``: none).
+        best_rotation: ``(B, N, 3, 3)`` and best_origin ``(B, N, 2)``: the most probable pose.
+        log_likelihood: ``(B, iterations)`` mean log marginal likelihood per image, per iteration.
+    """
+
+    volume: torch.Tensor
+    denoised: torch.Tensor
+    fsc: torch.Tensor
+    k_max: torch.Tensor
+    max_weight: torch.Tensor
+    best_rotation: torch.Tensor
+    best_origin: torch.Tensor
+    log_likelihood: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+def shift_grid(max_shift: float, step: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Origins on a square grid of spacing ``step`` pixels within ``|o_x|, |o_y| <= max_shift``:
+    ``(S, 2)`` ``(x, y)``, the zero shift first."""
+    n = int(math.floor(max_shift / step + 1e-9))
+    axis = torch.arange(-n, n + 1, device=device, dtype=dtype) * step
+    oy, ox = torch.meshgrid(axis, axis, indexing="ij")
+    grid = torch.stack([ox.flatten(), oy.flatten()], dim=-1)
+    order = torch.argsort(grid.square().sum(-1), stable=True)
+    return grid[order]
+
+
+def _soft_sphere(L: int, device, dtype, edge: float = 3.0) -> torch.Tensor:
+    """``(L, L, L)`` 1 inside radius ``L / 2 - edge``, a cosine edge to 0 at ``L / 2``."""
+    z = torch.arange(L, device=device, dtype=dtype) - L // 2
+    r = torch.sqrt(z[:, None, None] ** 2 + z[None, :, None] ** 2 + z[None, None, :] ** 2)
+    inner = L / 2 - edge
+    t = ((r - inner) / edge).clamp(0, 1)
+    return 0.5 * (1 + torch.cos(math.pi * t))
+
+
+class _Set:
+    """One set's fixed data: spectra with every candidate shift undone, CTFs, noise level."""
+
+    def __init__(self, noisy: torch.Tensor, ctf: torch.Tensor, sigma2: float, shifts: torch.Tensor) -> None:
+        N, L = noisy.shape[0], noisy.shape[-1]
+        self.N, self.L, self.S = N, L, len(shifts)
+        ky, kx = frequency_grid(L, 2, device=noisy.device, dtype=noisy.dtype)
+        self.radius = (torch.sqrt(kx * kx + ky * ky) * L).flatten()  # pixels of the spectrum
+        self.inside = self.radius <= L / 2  # the projector's support
+        Y = fft2c(noisy)
+        Ys = translate_spectrum(Y[:, None], shifts[None].expand(N, -1, -1))  # (N, S, L, L)
+        self.CY = (ctf[:, None] * Ys).flatten(-2) * self.inside  # (N, S, L^2)
+        self.C2 = (ctf * ctf).flatten(-2) * self.inside  # (N, L^2)
+        self.norm = sigma2 * L * L
+        self.shifts = shifts
+
+
+def _log_likelihoods(data: _Set, P: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    """``(N, S, M)`` log-likelihoods (up to a per-image constant) of projections ``P (M, L^2)``."""
+    CY, C2, Pb = data.CY[..., band], data.C2[:, band], P[:, band]
+    cross = torch.cat([CY.real, CY.imag], dim=-1).flatten(0, 1) @ torch.cat([Pb.real, Pb.imag], dim=-1).T
+    power = C2 @ Pb.abs().square().T  # (N, M)
+    return (cross.reshape(data.N, data.S, -1) - 0.5 * power[:, None]) / data.norm
+
+
+def _shells(L: int, device, dtype) -> torch.Tensor:
+    """Shell index (pixels of the original spectrum) of every padded-grid voxel, ``(Lp^3,)``."""
+    Lp = _OVERSAMPLING * L
+    q = torch.arange(Lp, device=device, dtype=dtype) - Lp // 2
+    r = torch.sqrt(q[:, None, None] ** 2 + q[None, :, None] ** 2 + q[None, None, :] ** 2) / _OVERSAMPLING
+    return torch.round(r).long().flatten()
+
+
+def _shell_mean(values: torch.Tensor, shells: torch.Tensor, n: int) -> torch.Tensor:
+    keep = shells < n
+    sums = values.new_zeros(n).index_add_(0, shells[keep], values[keep])
+    counts = torch.bincount(shells[keep], minlength=n).to(values.dtype).clamp_min(1)
+    return sums / counts
+
+
+def _maximise(halves: list[torch.Tensor], L: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wiener-filtered map ``(L, L, L)`` and half-set FSC ``(L // 2 + 1,)`` from two insertions."""
+    n = L // 2 + 1
+    shells = _shells(L, mask.device, mask.dtype)
+    keep = shells < n
+    estimates = []
+    for h in halves:
+        num, den = torch.complex(h[0], h[1]).flatten(), h[2].flatten()
+        estimates.append(num / (den + 1e-3 * den.mean()))
+    a, b = estimates
+    cross = _shell_mean((a * b.conj()).real, shells, n)
+    pa, pb = _shell_mean(a.abs().square(), shells, n), _shell_mean(b.abs().square(), shells, n)
+    fsc = cross / (pa * pb).sqrt().clamp_min(torch.finfo(pa.dtype).tiny)
+    f = fsc.clamp(1e-3, 0.999)
+    snr_full = 2 * f / (1 - f)  # the full set has twice each half's signal-to-noise ratio
+    num = torch.complex(halves[0][0] + halves[1][0], halves[0][1] + halves[1][1]).flatten()
+    den = (halves[0][2] + halves[1][2]).flatten()
+    tau_inv = _shell_mean(den, shells, n) / snr_full  # RELION: 1 / tau^2 = mean weight / SSNR
+    reg = torch.where(keep, tau_inv[shells.clamp_max(n - 1)], torch.full_like(den, math.inf))
+    total = den + reg
+    # voxels no slice reached (beyond the M-step's band) hold no data: zero, not 0 / 0
+    spectrum = torch.where(keep & (total > 0), num / total.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+    Lp = _OVERSAMPLING * L
+    padded = ifft3c(spectrum.reshape(Lp, Lp, Lp)).real
+    s = Lp // 2 - L // 2
+    return padded[s : s + L, s : s + L, s : s + L] * mask, fsc
+
+
+def _resolution_shell(fsc: torch.Tensor, threshold: float = 0.143) -> int:
+    below = (fsc[1:] < threshold).nonzero()
+    return int(below[0]) if len(below) else len(fsc) - 1
+
+
+@torch.no_grad()
+def expectation_maximization(
+    noisy: torch.Tensor,
+    ctf: torch.Tensor | None = None,
+    noise_variance: torch.Tensor | float | None = None,
+    initial: torch.Tensor | None = None,
+    iterations: int = 20,
+    n_rotations: int = 4608,
+    max_shift: float = 3.0,
+    shift_step: float = 1.0,
+    initial_shell: int = 3,
+    chunk: int = 1152,
+    generator: torch.Generator | None = None,
+) -> EMResult:
+    """Reconstruct each set's map by EM over poses and shifts, and denoise its images.
+
+    Args:
+        noisy: ``(B, N, L, L)`` images of one molecule per set.
+        ctf: ``(B, N, L, L)`` centred CTFs (RELION sign), or None (no CTF).
+        noise_variance: ``(B,)`` or scalar per-pixel noise variance in image units; None
+            estimates it from the corners outside the inscribed disk.
+        initial: ``(B, L, L, L)`` starting maps (refinement); None: ab initio from random poses.
+        iterations: EM iterations.
+        n_rotations: approximate size of the rotation grid (:func:`rotation_grid`).
+        max_shift, shift_step: the origin grid (pixels), see :func:`shift_grid`.
+        initial_shell: frequency limit (spectrum pixels) of the first iteration.
+        chunk: grid rotations per matrix product (memory).
+        generator: randomness of the half sets, the random start and the grid's turns.
+    Returns:
+        :class:`EMResult`.
+    """
+    B, N, L = noisy.shape[0], noisy.shape[1], noisy.shape[-1]
+    if N < 2:
+        raise ValueError(f"EM needs at least 2 images per set (two half sets), got {N}")
+    device, dtype = noisy.device, noisy.dtype
+    if ctf is None:
+        ctf = torch.ones_like(noisy)
+    if noise_variance is None:
+        noise_variance = estimate_noise_variance(noisy).mean(-1)
+    sigma2 = torch.as_tensor(noise_variance, dtype=dtype, device=device).reshape(-1).expand(B)
+    shifts = shift_grid(max_shift, shift_step, device, dtype)
+    base_grid = rotation_grid(n_rotations, device=device, dtype=dtype)
+    mask = _soft_sphere(L, device, dtype)
+    g = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
+
+    out = {k: [] for k in ("volume", "denoised", "fsc", "k_max", "max_weight", "rotation", "origin", "ll")}
+    for b in range(B):
+        data = _Set(noisy[b], ctf[b], float(sigma2[b]), shifts)
+        half = (torch.randperm(N, generator=g) < N // 2).to(device)
+        if initial is None:
+            weights = torch.zeros(N, data.S, len(base_grid), device=device, dtype=dtype)
+            weights[torch.arange(N, device=device), 0, torch.randint(len(base_grid), (N,), generator=g).to(device)] = 1
+            volume, fsc = _m_step(data, weights, base_grid, half, mask, data.radius <= initial_shell)
+            volume = _low_pass(volume, initial_shell)
+        else:
+            volume = initial[b].to(dtype)
+        k_max, lls = initial_shell, []
+        for it in range(iterations):
+            turn = random_rotations(1, generator=g, dtype=dtype).to(device)[0]
+            grid = base_grid @ turn  # A_m R0: the same grid, turned
+            band = data.radius <= k_max
+            logits = _e_step(data, volume, grid, band, chunk)
+            lse = torch.logsumexp(logits.flatten(1), dim=1)
+            lls.append(float(lse.mean()))
+            weights = torch.exp(logits - lse[:, None, None])
+            volume, fsc = _m_step(data, weights, grid, half, mask, data.radius <= k_max + _M_STEP_MARGIN)
+            shell = _resolution_shell(fsc)
+            k_max = int(min(L // 2, max(k_max, min(shell + 2, k_max + 2))))
+        band = data.radius <= k_max
+        logits = _e_step(data, volume, grid, band, chunk)
+        lse = torch.logsumexp(logits.flatten(1), dim=1)
+        weights = torch.exp(logits - lse[:, None, None])
+        P = project_spectrum(volume_spectrum(volume, _OVERSAMPLING, "linear"), grid).flatten(-2)
+        mean = (weights.reshape(N * data.S, -1).to(P.dtype) @ P).reshape(N, data.S, L, L)
+        mean = translate_spectrum(mean, -shifts[None].expand(N, -1, -1)).sum(1)  # each shift put back
+        out["denoised"].append(ifft2c(ctf[b] * mean).real)
+        flat = weights.flatten(1)
+        best_w, best = flat.max(1)
+        out["max_weight"].append(best_w)
+        out["rotation"].append(grid[best % len(grid)])
+        out["origin"].append(shifts[best // len(grid)])
+        out["volume"].append(volume)
+        out["fsc"].append(fsc)
+        out["k_max"].append(k_max)
+        out["ll"].append(torch.tensor(lls, dtype=dtype))
+    return EMResult(
+        volume=torch.stack(out["volume"]), denoised=torch.stack(out["denoised"]), fsc=torch.stack(out["fsc"]),
+        k_max=torch.tensor(out["k_max"]), max_weight=torch.stack(out["max_weight"]),
+        best_rotation=torch.stack(out["rotation"]), best_origin=torch.stack(out["origin"]),
+        log_likelihood=torch.stack(out["ll"]) if iterations else torch.empty(B, 0),
+    )
+
+
+def _e_step(data: _Set, volume: torch.Tensor, grid: torch.Tensor, band: torch.Tensor, chunk: int) -> torch.Tensor:
+    spectrum = volume_spectrum(volume, _OVERSAMPLING, "linear")
+    parts = []
+    for start in range(0, len(grid), chunk):
+        P = project_spectrum(spectrum, grid[start : start + chunk]).flatten(-2)
+        parts.append(_log_likelihoods(data, P, band))
+    return torch.cat(parts, dim=-1)
+
+
+def _m_step(data: _Set, weights: torch.Tensor, grid: torch.Tensor, half: torch.Tensor,
+            mask: torch.Tensor, band: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Only the frequencies in ``band`` are summed (the rest stay zero): beyond the resolution
+    # the Wiener filter would zero them anyway, and the sums are the M-step's main cost.
+    halves = []
+    M, L2 = len(grid), data.L * data.L
+    for h in (half, ~half):
+        w = weights[h]  # (n, S, M)
+        CY = data.CY[h][..., band].flatten(0, 1)  # (n S, K)
+        wf = w.flatten(0, 1).T  # (M, n S)
+        sums = CY.new_zeros(M, L2)
+        sums[:, band] = torch.complex(wf @ CY.real, wf @ CY.imag)
+        power = w.new_zeros(M, L2)
+        power[:, band] = w.sum(1).T @ data.C2[h][:, band]
+        slices = torch.stack([sums.real, sums.imag, power]).reshape(3, M, data.L, data.L)
+        halves.append(insert_slices(slices, grid, data.L, _OVERSAMPLING))
+    return _maximise(halves, data.L, mask)
+
+
+def _low_pass(volume: torch.Tensor, shell: float) -> torch.Tensor:
+    L = volume.shape[-1]
+    r = radial_grid(L, 3, device=volume.device, dtype=volume.dtype)
+    return ifft3c(fft3c(volume) * (r <= shell)).real
