@@ -123,7 +123,8 @@ def evaluate(methods: dict, batches: list[dict], n: int, bank: MoleculeBank, con
                 scale = fit_scale(batch["clean"], volumes, batch["rotations"], batch["ctf"], batch["origins"],
                                   config.oversampling, config.interpolation)
                 out = oracle_denoise(batch["noisy"], batch["ctf"], batch["noise_variance"], volumes, scale=scale,
-                                     n_rotations=oracle_rotations, interpolation=config.interpolation)
+                                     n_rotations=oracle_rotations, origins=batch["origins"],
+                                     interpolation=config.interpolation)
                 errors[name].append(relative_mse(out, batch["clean"]).flatten().cpu())
             else:
                 errors[name].append(relative_mse(fn(sets), sets["clean"]).flatten().cpu())

@@ -56,14 +56,17 @@ def low_pass(volume: torch.Tensor, cutoff: float) -> torch.Tensor:
 def known_pose_posterior(sets: dict, variance: torch.Tensor, cutoffs: list[float], lam: float,
                          rotations: int, interpolation: str) -> dict[str, torch.Tensor]:
     """Relative MSE ``{row: (B * N,)}`` of the posterior mean given each set's own reconstruction
-    from its true poses, low-passed at each cutoff."""
-    volumes = [reconstruct(y, R, c, lam=lam, iterations=30, interpolation=interpolation).volume
-               for y, R, c in zip(sets["noisy"], sets["rotations"], sets["ctf"])]
+    from its true poses (rotations, and the origins when ``sets`` holds them), low-passed at each
+    cutoff."""
+    origins = sets.get("origins")
+    volumes = [reconstruct(y, R, c, None if origins is None else origins[b], lam=lam, iterations=30,
+                           interpolation=interpolation).volume
+               for b, (y, R, c) in enumerate(zip(sets["noisy"], sets["rotations"], sets["ctf"]))]
     out = {}
     for cutoff in cutoffs:
         estimate = torch.stack([low_pass(v, cutoff) for v in volumes])
         images = oracle_denoise(sets["noisy"], sets["ctf"], variance, estimate, scale=None, n_rotations=rotations,
-                                interpolation=interpolation)
+                                origins=origins, interpolation=interpolation)
         out[f"recon(true poses, {cutoff:g})+posterior"] = relative_mse(images, sets["clean"]).flatten()
     return out
 

@@ -14,11 +14,19 @@ structure families, each molecule with its own pixel size; CTF, shifts), seeded 
 - ``unet_converged``: ``configs/base/denoise_structures_l32.yaml`` + ``configs/denoise_unet_converged_cpu.yaml`` (same data as the transformer);
 - ``cwf``: covariance Wiener filter with the set's own statistics; ``cwf_prior``: with the polar
   model's population prior; ``cwf_truth``: with the molecule's own noise-free statistics
-  (``--reference-images`` clean projections at other poses): the best linear set estimator;
-- ``recon_true_poses``: reconstruction from the set's own images at their *true* poses, low-passed
-  at the best of ``--pose-cutoffs``, then the posterior mean of each image (a bound for
-  reconstruct-then-project methods);
-- ``oracle``: posterior mean given the true volume.
+  (``--reference-images`` clean projections at other poses and shifts, drawn as the test images'
+  are): the best linear set estimator;
+- ``em``: expectation maximisation over poses and shifts from the set alone, ab initio
+  (:mod:`cryo_lightning.abinitio.expectation_maximization`), then the posterior mean of each image
+  given its map: the classical 3D-consistent set method;
+- ``recon_true_poses``: reconstruction from the set's own images at their *true* poses and shifts,
+  low-passed at the best of ``--pose-cutoffs``, then the posterior mean of each image with the
+  shift known (a bound for reconstruct-then-project methods);
+- ``oracle``: posterior mean given the true volume, over a grid of rotations *and* of the
+  simulator's shifts (``--oracle-rotations``; whole-pixel shifts within ``max_shift``): the best
+  any method can do, since the images do not tell their shifts either;
+- ``oracle_known_shifts``: the same, told each image's shift (a lower bound no method reaches
+  when the particles are not centred).
 
 Outputs: ``benchmarks/results/set_denoiser.json`` (rows {method, snr, n, rel_mse, ci95, L, config,
 steps}), ``set_denoiser_mse_vs_n.png`` (one panel per SNR) and ``set_denoiser_attention.png``
@@ -46,10 +54,13 @@ import yaml  # noqa: E402
 
 from denoise import ROOT, _as_sets, evaluate, load, summary, test_sets  # noqa: E402
 from denoise_limits import known_pose_posterior  # noqa: E402
+from cryo_lightning.abinitio.expectation_maximization import expectation_maximization  # noqa: E402
 from cryo_lightning.data.molecule_bank import MoleculeBank  # noqa: E402
 from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig  # noqa: E402
 from cryo_lightning.denoise.cwf import cwf_denoise  # noqa: E402
+from cryo_lightning.denoise.oracle import fit_scale  # noqa: E402
 from cryo_lightning.launch.freeze import resolve_config  # noqa: E402
+from cryo_lightning.metrics import relative_mse  # noqa: E402
 from cryo_lightning.denoise.population_prior import PopulationPrior  # noqa: E402
 from cryo_lightning.physics.steerable_basis import fourier_bessel_basis  # noqa: E402
 
@@ -128,6 +139,18 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def shift_marginal_oracle(batch: dict, bank: MoleculeBank, config: SimulationConfig, rotations: int) -> torch.Tensor:
+    """Relative MSE ``(n,)`` of the posterior mean given the true volume (at the exact oracle's scale),
+    over rotations and the simulator's range of shifts: EM's E-step with the truth as its map."""
+    volumes = bank.batch(batch["molecule"].tolist(), batch["noisy"].device)
+    scale = fit_scale(batch["clean"], volumes, batch["rotations"], batch["ctf"], batch["origins"],
+                      config.oversampling, config.interpolation)
+    found = expectation_maximization(batch["noisy"], batch["ctf"], batch["noise_variance"],
+                                     initial=volumes * scale[:, None, None, None], iterations=0, n_rotations=rotations,
+                                     max_shift=config.max_shift, initial_shell=bank.box // 2)
+    return relative_mse(found.denoised, batch["clean"]).flatten().cpu()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--snrs", type=float, nargs="+", default=[1 / 16, 1 / 32, 1 / 50])
@@ -140,6 +163,8 @@ def main() -> None:
     p.add_argument("--pose-lambda", type=float, default=0.1)
     p.add_argument("--near-degrees", type=float, default=15.0)
     p.add_argument("--attention-snr", type=float, default=0.25, help="SNR of the attention figure")
+    p.add_argument("--em-iterations", type=int, default=15)
+    p.add_argument("--em-rotations", type=int, default=4608, help="rotation grid of EM and of the oracle over shifts")
     p.add_argument("--skip", nargs="*", default=[], help="methods to leave out (e.g. recon_true_poses oracle)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "set_denoiser")
     p.add_argument("--merge", action="store_true",
@@ -167,7 +192,7 @@ def main() -> None:
         nets[name], steps[name] = load(ckpt, device), trained_steps(ckpt)
     basis = fourier_bessel_basis(L, device)
     reference = SetSimulator(bank, SimulationConfig(**{**sim_cfg.__dict__, "set_size": args.reference_images,
-                                                       "ctf": False, "snr": (1.0, 1.0), "max_shift": 0.0}))
+                                                       "ctf": False, "snr": (1.0, 1.0)}))
     polar = nets["polar"].net if "polar" in nets else None
 
     def network(task):
@@ -194,13 +219,21 @@ def main() -> None:
                         own = PopulationPrior.fit([(clean, None)], basis)
                         methods["cwf_truth"] = lambda b, own=own: cwf_denoise(
                             b["noisy"], b["ctf"], b["noise_variance"], prior=own, prior_strength=1e12)
-                if "oracle" not in args.skip:
-                    methods["oracle"] = "oracle"
+                if "oracle_known_shifts" not in args.skip:
+                    methods["oracle"] = "oracle"  # evaluate()'s oracle is told the shifts: renamed below
+                if n >= 32 and "em" not in args.skip:  # below, half sets of a few images make no map
+                    methods["em"] = lambda b: expectation_maximization(
+                        b["noisy"], b["ctf"], b["noise_variance"], iterations=args.em_iterations,
+                        n_rotations=args.em_rotations, max_shift=sim_cfg.max_shift,
+                        generator=torch.Generator().manual_seed(molecule)).denoised
                 with torch.no_grad():
                     for name, values in evaluate(methods, [batch], n, bank, sim_cfg, args.oracle_rotations).items():
+                        name = "oracle_known_shifts" if name == "oracle" else name
                         errors.setdefault(name, []).append(torch.as_tensor(values))
+                    if "oracle" not in args.skip:
+                        errors.setdefault("oracle", []).append(shift_marginal_oracle(batch, bank, sim_cfg, args.em_rotations))
                 if "recon_true_poses" not in args.skip:
-                    sets = {k: _as_sets(batch[k], n) for k in ("noisy", "ctf", "clean", "rotations")}
+                    sets = {k: _as_sets(batch[k], n) for k in ("noisy", "ctf", "clean", "rotations", "origins")}
                     variance = batch["noise_variance"].expand(sets["noisy"].shape[0])
                     found = known_pose_posterior(sets, variance, args.pose_cutoffs, args.pose_lambda,
                                                  args.oracle_rotations, sim_cfg.interpolation)

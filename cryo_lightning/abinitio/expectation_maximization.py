@@ -222,7 +222,8 @@ def expectation_maximization(
             volume = _low_pass(volume, initial_shell)
         else:
             volume = initial[b].to(dtype)
-        k_max, lls = initial_shell, []
+            fsc = torch.full((L // 2 + 1,), math.nan, device=device, dtype=dtype)  # no M-step yet
+        k_max, lls, grid = initial_shell, [], base_grid
         for it in range(iterations):
             turn = random_rotations(1, generator=g, dtype=dtype).to(device)[0]
             grid = base_grid @ turn  # A_m R0: the same grid, turned
@@ -238,8 +239,13 @@ def expectation_maximization(
         logits = _e_step(data, volume, grid, band, chunk)
         lse = torch.logsumexp(logits.flatten(1), dim=1)
         weights = torch.exp(logits - lse[:, None, None])
-        P = project_spectrum(volume_spectrum(volume, _OVERSAMPLING, "linear"), grid).flatten(-2)
-        mean = (weights.reshape(N * data.S, -1).to(P.dtype) @ P).reshape(N, data.S, L, L)
+        # the map holds nothing beyond the M-step's band: the mean is summed over it alone
+        keep = data.radius <= k_max + _M_STEP_MARGIN
+        P = project_spectrum(volume_spectrum(volume, _OVERSAMPLING, "linear"), grid).flatten(-2)[:, keep]
+        w = weights.reshape(N * data.S, -1)
+        mean = P.new_zeros(N * data.S, L * L)
+        mean[:, keep] = torch.complex(w @ P.real, w @ P.imag)
+        mean = mean.reshape(N, data.S, L, L)
         mean = translate_spectrum(mean, -shifts[None].expand(N, -1, -1)).sum(1)  # each shift put back
         out["denoised"].append(ifft2c(ctf[b] * mean).real)
         flat = weights.flatten(1)
@@ -283,7 +289,7 @@ def _m_step(data: _Set, weights: torch.Tensor, grid: torch.Tensor, half: torch.T
         power = w.new_zeros(M, L2)
         power[:, band] = w.sum(1).T @ data.C2[h][:, band]
         slices = torch.stack([sums.real, sums.imag, power]).reshape(3, M, data.L, data.L)
-        halves.append(insert_slices(slices, grid, data.L, _OVERSAMPLING))
+        halves.append(insert_slices(slices, grid, data.L, _OVERSAMPLING, band.reshape(data.L, data.L)))
     return _maximise(halves, data.L, mask)
 
 

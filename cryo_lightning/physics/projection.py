@@ -249,7 +249,8 @@ def backproject(
     return vjp(images)[0]
 
 
-def insert_slices(slices: torch.Tensor, rotations: torch.Tensor, L: int, oversampling: int = 2) -> torch.Tensor:
+def insert_slices(slices: torch.Tensor, rotations: torch.Tensor, L: int, oversampling: int = 2,
+                  band: torch.Tensor | None = None) -> torch.Tensor:
     """Adjoint of trilinear slicing of a raw padded spectrum: Fourier-space back-projection.
 
     RELION's back-projector: each slice sample is spread onto the 8 neighbouring voxels of the
@@ -262,19 +263,26 @@ def insert_slices(slices: torch.Tensor, rotations: torch.Tensor, L: int, oversam
             centred layout.
         rotations: ``(M, 3, 3)`` RELION matrices.
         L: box size.
+        band: ``(L, L)`` bool, the slice pixels to insert (the others are taken as zero and cost
+            nothing); None inserts all.
     Returns:
         ``(C, Lp, Lp, Lp)`` with ``Lp = oversampling L``, ``(z, y, x)``, centre at ``Lp // 2``.
     """
+    C, M = slices.shape[:2]
     Lp = int(oversampling) * L
     index = _slice_index(rotations[None].to(slices.dtype), L, Lp)  # (1, M, L, L, 3)
-    grid = 2.0 * index / (Lp - 1) - 1.0  # as project_spectrum normalises it
-    zero = slices.new_zeros(1, slices.shape[0], Lp, Lp, Lp)
-
-    def sample(data: torch.Tensor) -> torch.Tensor:
-        return F.grid_sample(data, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-
-    _, vjp = torch.func.vjp(sample, zero)
-    return vjp(slices[None])[0][0]
+    values = slices.reshape(C, M, L * L)
+    index = index.reshape(1, M, L * L, 3)
+    if band is not None:
+        keep = band.flatten().nonzero().squeeze(1)
+        values, index = values[:, :, keep], index[:, :, keep]
+    grid = (2.0 * index / (Lp - 1) - 1.0)[:, :, :, None]  # as project_spectrum normalises it
+    # The adjoint of grid_sample is its input gradient; calling the backward kernel directly
+    # skips the forward pass that autograd would run first.
+    shape = slices.new_empty(1, C, Lp, Lp, Lp).expand(1, C, Lp, Lp, Lp)
+    grad, _ = torch.ops.aten.grid_sampler_3d_backward(
+        values[None, ..., None].contiguous(), shape, grid, 0, 0, True, [True, False])
+    return grad[0]
 
 
 def translate_spectrum(spectra: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:

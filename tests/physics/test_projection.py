@@ -11,6 +11,7 @@ import torch
 
 from cryo_lightning.physics.fourier import fourier_resize, ifft2c
 from cryo_lightning.physics.projection import (
+    VolumeSpectrum,
     backproject,
     insert_slices,
     project,
@@ -179,3 +180,21 @@ def test_insert_slices_inverts_slicing_where_the_slices_are_dense():
     # the weights count the samples: each spreads a total weight of one (a few at Nyquist fall
     # partly off the padded grid's last plane)
     assert 0.98 < float(grid[2].sum()) / float(inside.sum()) <= 1.0
+
+
+def test_insert_slices_band_equals_zeroing_the_other_pixels():
+    L = 12
+    g = torch.Generator().manual_seed(0)
+    rotations = random_rotations(20, generator=g)
+    slices = torch.randn(2, 20, L, L, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(L) - L // 2, torch.arange(L) - L // 2, indexing="ij")
+    band = xx**2 + yy**2 <= 16
+    full = insert_slices(slices * band, rotations, L)
+    assert torch.allclose(insert_slices(slices, rotations, L, band=band), full, atol=1e-5)
+    # it is the adjoint of trilinear slicing: <slice(V), s> = <V, insert(s)>
+    volume = torch.randn(2, 2 * L, 2 * L, 2 * L, generator=g)
+    spec = VolumeSpectrum(volume[None], L, 2, "linear")
+    sampled = project_spectrum(spec, rotations, max_radius=None)  # (M, L, L) complex: channels 0, 1
+    lhs = (sampled.real * slices[0]).sum() + (sampled.imag * slices[1]).sum()
+    rhs = (volume * insert_slices(slices, rotations, L)).sum()
+    assert torch.allclose(lhs, rhs, rtol=1e-4)
