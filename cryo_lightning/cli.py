@@ -53,6 +53,10 @@ TOOLS = {
         "cryo_lightning.tools.evaluate",
         "Quality without ground truth: half-map FSC, denoised-vs-raw moment consistency, cross-half FRC.",
     ),
+    "cache-guides": (
+        "cryo_lightning.tools.cache_guides",
+        "Compute a set model's EM guides once for the sets its fit config trains and validates on.",
+    ),
     "export": (
         "cryo_lightning.tools.export",
         "Write a subset of particles by filtering the original STAR or .cs file.",

@@ -9,6 +9,7 @@ same sets.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cryo_lightning.data.guide_cache import CachedRecipeStream, GuideCache
 from cryo_lightning.data.molecule_bank import SPLITS, MoleculeBank, derive_seed
 from cryo_lightning.data.set_simulator import SetSimulator, SimulationConfig
 
@@ -93,6 +95,9 @@ class SyntheticSetDataModule(pl.LightningDataModule):
         pixel_size_range: ``(low, high)`` Angstrom/px: each molecule gets its own pixel size,
             log-uniform in the range (its CTF is simulated at it); None: ``simulation.pixel_size``.
         diameter: molecule diameter range as a fraction of the box (``"structures"``).
+        guide_cache: a folder made by ``cryol cache-guides`` for this data: training and
+            validation then stream its sets (their recipes), and each batch gets its cached
+            ``guide`` ``(B, N, L, L)``; None: sets drawn as usual, no guide.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class SyntheticSetDataModule(pl.LightningDataModule):
         molecules: str = "beads",
         pixel_size_range: tuple[float, float] | None = None,
         diameter: tuple[float, float] = (0.3, 0.95),
+        guide_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.box, self.batch_size, self.seed, self.num_workers = box, batch_size, seed, num_workers
@@ -125,6 +131,21 @@ class SyntheticSetDataModule(pl.LightningDataModule):
             "val": SetRecipeStream("val", val_sets, n_val_molecules, seed, False, batch_size),
             "test": SetRecipeStream("test", test_sets, n_test_molecules, seed, False, batch_size),
         }
+        self.set_counts = {"train": train_sets_per_epoch, "val": val_sets, "test": test_sets}
+        self._description = {
+            "box": box, "seed": seed, "molecules": molecules, "counts": counts,
+            "pixel_size_range": self.pixel_size_range, "diameter": tuple(diameter),
+            "simulation": {k: v for k, v in vars(self.simulation).items()},
+        }
+        self.guide_cache = None
+        if guide_cache is not None:
+            self.guide_cache = GuideCache(guide_cache, {"data": self.description()})
+            self.streams["train"] = CachedRecipeStream(self.guide_cache, "train", seed, shuffle=True)
+            self.streams["val"] = CachedRecipeStream(self.guide_cache, "val", seed, shuffle=False)
+
+    def description(self) -> dict:
+        """What the sets are drawn from (JSON-ready): a guide cache is valid only for the same."""
+        return json.loads(json.dumps(self._description))
 
     @property
     def set_size(self) -> int:
@@ -164,7 +185,15 @@ class SyntheticSetDataModule(pl.LightningDataModule):
         if len(splits) != 1:
             raise ValueError("a recipe batch must come from one split")
         simulator = self.simulators[SPLITS[int(splits[0])]]
-        return simulator(recipes["seed"], recipes["molecule"], device=device)
+        batch = simulator(recipes["seed"], recipes["molecule"], device=device)
+        if self.guide_cache is not None and SPLITS[int(splits[0])] != "test":
+            guide = self.guide_cache.guides(recipes["seed"].cpu()).to(batch["noisy"])
+            if guide.shape != batch["noisy"].shape:
+                raise ValueError(f"the guide cache {self.guide_cache.directory} holds sets of shape {tuple(guide.shape[1:])} "
+                                 f"but the simulator made {tuple(batch['noisy'].shape[1:])}: the set size "
+                                 "(simulation.set_size) must be the one the cache was built with")
+            batch["guide"] = guide
+        return batch
 
     @torch.no_grad()
     def train_targets(self, molecules: int, max_images: int = 1024,

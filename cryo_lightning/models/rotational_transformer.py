@@ -26,7 +26,12 @@ standard deviation, so the network sees the SNR; the CTF enters as the sign-corr
 With ``guide="cwf"`` the covariance Wiener filter's estimate of each image (the best classical
 linear set method, itself rotation-equivariant) is a further input channel and is added to the
 output with a learned weight per ring: the network starts from the linear estimate and its
-attention has to earn whatever it adds.
+attention has to earn whatever it adds. ``guide="em"`` adds a 3D-consistent summary of the set as
+well: expectation maximisation over poses and shifts builds a map from the set, and each image's
+posterior mean given that map (:mod:`cryo_lightning.abinitio.expectation_maximization`) is a
+further input and skip. EM is the slow part (tens of seconds per set of 128 on a CPU core), so
+training reads it from a cache (``cryol cache-guides``, passed as the ``guide`` input); at
+inference the model runs it with the settings it was trained with (``em_*``).
 
 Equivariance holds by construction for rotations by multiples of ``360 / T`` degrees and, up to
 polar interpolation, for any angle; permutation equivariance over the set holds exactly.
@@ -39,6 +44,7 @@ import math
 import torch
 from torch import nn
 
+from cryo_lightning.abinitio.expectation_maximization import expectation_maximization
 from cryo_lightning.denoise.cwf import cwf_denoise
 from cryo_lightning.physics.fourier import radial_grid
 from cryo_lightning.physics.noise import estimate_noise_variance
@@ -183,15 +189,22 @@ class RotationalSetTransformer(nn.Module):
         guide: ``"cwf"`` adds the covariance Wiener filter's estimate of each image (a classical,
             rotation-equivariant set method) as a further input and to the output with a learned
             weight per ring, so training starts from the best linear estimate and learns what it
-            misses; ``"none"``: the network alone.
+            misses; ``"em"``: the CWF's and EM's posterior-mean estimates (a 3D-consistent set
+            method) both; ``"none"``: the network alone.
+        em_iterations, em_rotations, em_max_shift: the EM guide's settings (iterations, rotation
+            grid size, largest shift searched in pixels); a cache of guides must be built with
+            the same ones (``cryol cache-guides`` reads them from the model's config).
     """
+
+    GUIDES = ("none", "cwf", "em")
 
     def __init__(self, L: int = 32, n_radii: int | None = None, n_angles: int | None = None, channels: int = 32,
                  heads: int = 4, head_dim: int = 16, layers: int = 3, classes: int = 32, hidden: int = 64,
-                 guide: str = "none") -> None:
+                 guide: str = "none", em_iterations: int = 8, em_rotations: int = 4608,
+                 em_max_shift: float = 3.0) -> None:
         super().__init__()
-        if guide not in ("none", "cwf"):
-            raise ValueError(f"guide must be 'none' or 'cwf', got {guide!r}")
+        if guide not in self.GUIDES:
+            raise ValueError(f"guide must be one of {self.GUIDES}, got {guide!r}")
         n_radii = n_radii or L // 2 + 1
         n_angles = n_angles or 4 * math.ceil(L / 2)
         if n_angles % 4:
@@ -200,8 +213,12 @@ class RotationalSetTransformer(nn.Module):
             raise ValueError("channels, heads, head_dim, layers, classes and hidden must all be >= 1")
         self.L, self.R, self.T, self.guide = L, n_radii, n_angles, guide
         self.polar = PolarSpectrum(L, n_radii, n_angles)
-        self.embed = _FrequencyLinear(n_angles, (4 if guide == "cwf" else 3) * n_radii, channels)
-        self.guide_weight = nn.Parameter(torch.zeros(n_radii)) if guide == "cwf" else None  # sigmoid: 0.5
+        self.em_settings = {"iterations": em_iterations, "n_rotations": em_rotations, "max_shift": em_max_shift}
+        self.embed = _FrequencyLinear(n_angles, (3 + self.GUIDES.index(guide)) * n_radii, channels)
+        # skips start at sigmoid(0) = 0.5 of the CWF alone, or mostly EM (0.88) beside little CWF (0.05)
+        self.guide_weight = (nn.Parameter(torch.full((n_radii,), -3.0 if guide == "em" else 0.0))
+                             if guide != "none" else None)
+        self.em_weight = nn.Parameter(torch.full((n_radii,), 2.0)) if guide == "em" else None
         self.class_tokens = nn.Parameter(torch.randn(classes, n_angles, channels, 2) / math.sqrt(2))
         self.blocks = nn.ModuleList(_Block(n_angles, channels, heads, head_dim, hidden) for _ in range(layers))
         self.norm_out = _RMSNorm(n_angles, channels)
@@ -213,11 +230,24 @@ class RotationalSetTransformer(nn.Module):
         self.support_logits = nn.Parameter((0.45 * L - radii) / 1.5)  # soft disk, learned
         self.register_buffer("_radius", radial_grid(L, 2).clamp_max(L // 2 + 1), persistent=False)
 
+    @torch.no_grad()
+    def em_guide(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
+                 noise_variance: torch.Tensor | None = None) -> torch.Tensor:
+        """EM's posterior mean of every image ``(B, N, L, L)`` with this model's settings (zeros for
+        sets of one image, which make no map); what ``cryol cache-guides`` stores for training."""
+        if noisy.shape[1] < 2:
+            return torch.zeros_like(noisy)
+        found = expectation_maximization(noisy.float(), None if ctf is None else ctf.float(),
+                                         None if noise_variance is None else noise_variance.float(),
+                                         generator=torch.Generator().manual_seed(0), **self.em_settings)
+        return found.denoised.to(noisy.dtype)
+
     def tokens(self, noisy: torch.Tensor, ctf: torch.Tensor | None, noise_variance: torch.Tensor | None,
-               use_guide: bool = True):
+               use_guide: bool = True, em: torch.Tensor | None = None):
         """Steerable input tokens ``(B, N, T, D)``, polar CTFs ``(B, N, R, T)``, noise std ``(B,)``
-        and the guide's polar spectra ``(B, N, R, T)`` in noise units (None without a guide).
-        ``use_guide=False`` leaves the guide's input at zero (images taken one by one)."""
+        and the guides' polar spectra ``[(B, N, R, T)]`` in noise units (empty without a guide).
+        ``use_guide=False`` leaves the guides' inputs at zero (images taken one by one); ``em`` is
+        the EM guide ``(B, N, L, L)`` if already computed (e.g. cached)."""
         if ctf is None:
             ctf = torch.ones_like(noisy)
         if noise_variance is None:
@@ -229,19 +259,22 @@ class RotationalSetTransformer(nn.Module):
         spec = self.polar(noisy.float() / scale) / L * self._rings
         c = self.polar.sample_ctf(ctf.float()) * self._rings
         inputs = [c * spec, spec, (c * c).to(spec.dtype)]
-        guide = None
-        if self.guide == "cwf" and use_guide:
+        guides = []
+        if self.guide != "none" and use_guide:
             with torch.no_grad():
-                estimate = cwf_denoise(noisy.float(), ctf.float(), noise_variance.float())
-            guide = self.polar(estimate / scale) / L * self._rings
-            inputs.append(guide)
-        elif self.guide == "cwf":
-            inputs.append(torch.zeros_like(spec))
+                estimates = [cwf_denoise(noisy.float(), ctf.float(), noise_variance.float())]
+                if self.guide == "em":
+                    estimates.append(em if em is not None else self.em_guide(noisy, ctf, noise_variance))
+            guides = [self.polar(e.float() / scale) / L * self._rings for e in estimates]
+            inputs.extend(guides)
+        elif self.guide != "none":
+            inputs.extend(torch.zeros_like(spec) for _ in range(self.GUIDES.index(self.guide)))
         angular = torch.fft.fft(torch.cat(inputs, dim=2), dim=-1) / math.sqrt(self.T)  # frequency m of the angle
-        return self.embed(angular.transpose(-1, -2)), c, sigma, guide
+        return self.embed(angular.transpose(-1, -2)), c, sigma, guides
 
     def forward(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
-                noise_variance: torch.Tensor | None = None, return_attention: bool = False):
+                noise_variance: torch.Tensor | None = None, guide: torch.Tensor | None = None,
+                return_attention: bool = False):
         """Denoise sets.
 
         Args:
@@ -249,13 +282,15 @@ class RotationalSetTransformer(nn.Module):
             ctf: ``(B, N, L, L)`` centred CTF of each image, or None (no CTF).
             noise_variance: ``(B,)`` white-noise variance per set; None: estimated from the
                 corners outside the inscribed disk.
+            guide: ``(B, N, L, L)`` the EM guide if already computed (``guide="em"``; cached for
+                training); None computes it.
             return_attention: also return each layer's image-to-class attention
                 ``(B, H, N, classes, T)``.
         Returns:
             ``(B, N, L, L)`` estimates of the clean, CTF-affected images (and the attentions).
         """
         B, N, L, _ = noisy.shape
-        x, c, sigma, guide = self.tokens(noisy, ctf, noise_variance)
+        x, c, sigma, guides = self.tokens(noisy, ctf, noise_variance, em=guide)
         classes = torch.view_as_complex(self.class_tokens)[None].expand(B, -1, -1, -1)
         attentions = []
         for block in self.blocks:
@@ -268,8 +303,8 @@ class RotationalSetTransformer(nn.Module):
         origin = polar[..., :1, :].mean(-1, keepdim=True).expand_as(polar[..., :1, :])
         polar = torch.cat([origin, polar[..., 1:, :]], dim=-2)
         estimate = c * polar
-        if guide is not None:
-            estimate = estimate + torch.sigmoid(self.guide_weight)[:, None] * guide
+        for weight, found in zip((self.guide_weight, self.em_weight), guides):
+            estimate = estimate + torch.sigmoid(weight)[:, None] * found
         out = self.polar.inverse(estimate) * L * self.support() * sigma[:, None, None, None]
         return (out, attentions) if return_attention else out
 

@@ -54,20 +54,22 @@ class DenoiseTask(pl.LightningModule):
             self.save_hyperparameters()
         self.net = net
         params = inspect.signature(net.forward).parameters
-        self._extra_inputs = [k for k in ("ctf", "noise_variance") if k in params]
+        self._extra_inputs = [k for k in ("ctf", "noise_variance", "guide") if k in params]
         self.val_rel_mse, self.val_psnr, self.val_rel_mse_noisy = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_rel_mse, self.test_psnr, self.test_rel_mse_noisy = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_frc, self.test_frc = MeanMetric(), MeanMetric()
 
     def forward(self, noisy: torch.Tensor, ctf: torch.Tensor | None = None,
-                noise_variance: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, N, L, L)`` -> ``(B, N, L, L)``; ``ctf`` ``(B, N, L, L)`` and ``noise_variance``
-        ``(B,)`` are passed on to networks that take them."""
-        given = {"ctf": ctf, "noise_variance": noise_variance}
+                noise_variance: torch.Tensor | None = None, guide: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, N, L, L)`` -> ``(B, N, L, L)``; ``ctf`` ``(B, N, L, L)``, ``noise_variance``
+        ``(B,)`` and a precomputed ``guide`` ``(B, N, L, L)`` (cached EM estimates) are passed on to
+        networks that take them."""
+        given = {"ctf": ctf, "noise_variance": noise_variance, "guide": guide}
         return self.net(noisy, **{k: given[k] for k in self._extra_inputs})
 
     def _denoise(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self(batch["noisy"], batch.get("ctf"), batch.get("noise_variance"))
+        extra = {"guide": batch["guide"]} if "guide" in batch else {}  # cached guides (cryol cache-guides)
+        return self(batch["noisy"], batch.get("ctf"), batch.get("noise_variance"), **extra)
 
     def configure_model(self) -> None:
         init = self.hparams.get("init_ckpt")

@@ -114,3 +114,25 @@ def test_embedding_is_rotation_invariant_and_needs_no_set():
     # one image's embedding does not depend on the others given with it
     torch.testing.assert_close(model.embedding(images[:3], ctf[:3], b["noise_variance"][0]), e[:3],
                                atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_em_guide_computed_or_given_and_equivariant_given_it():
+    """guide='em': the model runs EM with its own settings when no guide is given (what a cache
+    stores), and the network is exactly permutation-equivariant given the guide."""
+    torch.manual_seed(0)
+    model = RotationalSetTransformer(L=16, guide="em", em_iterations=1, em_rotations=300, em_max_shift=1.0, **SMALL)
+    b = _batch(16, 8, snr=1.0)
+    guide = model.em_guide(b["noisy"], b["ctf"], b["noise_variance"])
+    assert guide.shape == b["noisy"].shape and torch.isfinite(guide).all() and guide.abs().sum() > 0
+    computed = model(b["noisy"], b["ctf"], b["noise_variance"])
+    given = model(b["noisy"], b["ctf"], b["noise_variance"], guide=guide)
+    torch.testing.assert_close(computed, given)
+    perm = torch.randperm(8)
+    out_perm = model(b["noisy"][:, perm], b["ctf"][:, perm], b["noise_variance"], guide=guide[:, perm])
+    torch.testing.assert_close(out_perm, given[:, perm], atol=1e-5, rtol=1e-4)
+    # the guide matters: it is an input and a skip
+    other = model(b["noisy"], b["ctf"], b["noise_variance"], guide=torch.zeros_like(guide))
+    assert float((other - given).norm()) > 1e-3 * float(given.norm())
+    # a set of one image makes no map: a zero guide, not an error
+    assert model.em_guide(b["noisy"][:, :1]).abs().sum() == 0
