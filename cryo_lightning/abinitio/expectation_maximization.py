@@ -43,7 +43,10 @@ from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.physics.projection import insert_slices, project_spectrum, translate_spectrum, volume_spectrum
 from cryo_lightning.physics.rotations import random_rotations
 
-__all__ = ["EMResult", "shift_grid", "expectation_maximization"]
+__all__ = ["EMResult", "shift_grid", "expectation_maximization", "VERSION"]
+
+# Raised whenever a change alters the results: caches of EM guides record it (cryol cache-guides).
+VERSION = 1
 
 _OVERSAMPLING = 2
 _M_STEP_MARGIN = 4  # shells beyond the E-step's limit that the M-step reconstructs

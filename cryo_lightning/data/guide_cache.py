@@ -46,7 +46,7 @@ class GuideCache:
                 raise ValueError(f"{manifest} was made for other data or another guide (differs in: "
                                  f"{', '.join(differ)}); use another folder or the settings it was made with")
         self._index: dict[int, tuple[Path, int]] | None = None
-        self._shards: dict[Path, torch.Tensor] = {}
+        self._shards: dict[Path, dict[str, torch.Tensor]] = {}
 
     def shards(self, split: str) -> list[Path]:
         return sorted(self.directory.glob(f"{split}-*.pt"))
@@ -78,25 +78,34 @@ class GuideCache:
 
     def guides(self, seeds: torch.Tensor) -> torch.Tensor:
         """``(B, N, L, L)`` float32 guides of the sets with these seeds (each must be cached)."""
-        if self._index is None:
-            self._index = {}
-            for split in SPLITS:
-                for path in self.shards(split):
-                    shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                    self._shards[path] = shard["guide"]
-                    for row, seed in enumerate(shard["seed"].tolist()):
-                        self._index[seed] = (path, row)
-        missing = [int(s) for s in seeds.tolist() if int(s) not in self._index]
+        wanted = [int(s) for s in seeds.tolist()]
+        if self._index is None or (any(s not in self._index for s in wanted) and self._has_new_shards()):
+            self._read_index()  # first use, or shards written since (a build still running)
+        missing = [s for s in wanted if s not in self._index]
         if missing:
             raise KeyError(f"sets with seeds {missing[:5]} are not in the guide cache {self.directory}")
-        return torch.stack([self._shards[path][row] for path, row in map(self._index.__getitem__, seeds.tolist())]).float()
+        return torch.stack([self._shards[path]["guide"][row] for path, row in map(self._index.__getitem__, wanted)]).float()
+
+    def _has_new_shards(self) -> bool:
+        return any(path not in self._shards for split in SPLITS for path in self.shards(split))
+
+    def _read_index(self) -> None:
+        self._index = {}
+        for split in SPLITS:
+            for path in self.shards(split):
+                if path not in self._shards:
+                    self._shards[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                for row, seed in enumerate(self._shards[path]["seed"].tolist()):
+                    self._index[seed] = (path, row)
 
 
 class CachedRecipeStream(IterableDataset):
     """Streams the recipes ``{"seed", "molecule", "split"}`` of a cache's sets of one split.
 
-    Training shuffles them anew every epoch (seeded by ``seed`` and the epoch); evaluation keeps
-    the cache's order. Sets are dealt round-robin to DDP ranks, each rank getting the same count.
+    Training shuffles them anew every epoch (seeded by ``seed`` and the epoch) and reads the
+    cache's list again each epoch, so sets that a build still running adds join the next epoch;
+    evaluation keeps the cache's order and its first list. Sets are dealt round-robin to DDP
+    ranks, each rank getting the same count.
     """
 
     def __init__(self, cache: GuideCache, split: str, seed: int, shuffle: bool) -> None:
@@ -118,6 +127,8 @@ class CachedRecipeStream(IterableDataset):
         return len(self._all()[0]) // self.world_size
 
     def __iter__(self) -> Iterator[dict[str, int]]:
+        if self.shuffle:
+            self._recipes = None
         seeds, molecules = self._all()
         order = list(range(len(seeds)))
         if self.shuffle:

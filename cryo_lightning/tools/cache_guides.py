@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from cryo_lightning.abinitio.expectation_maximization import VERSION as EM_VERSION
 from cryo_lightning.data.guide_cache import GuideCache
 from cryo_lightning.data.synthetic import SetRecipeStream, SyntheticSetDataModule
 from cryo_lightning.io.errors import InputError
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     if not hasattr(net, "em_guide") or getattr(net, "guide", None) != "em":
         raise InputError(f"{args.config[-1]}: the network ({type(net).__name__}) has no EM guide to cache; "
                          "set model.init_args.net.init_args.guide: em")
-    cache = GuideCache(dm.guide_cache.directory, {"data": dm.description(),
-                                                  "guide": {"network": type(net).__name__, **net.em_settings}})
+    cache = GuideCache(dm.guide_cache.directory, {"data": dm.description(), "guide": {
+        "network": type(net).__name__, **net.em_settings, "em_version": EM_VERSION}})
     source = SetRecipeStream(args.split, 0, len(dm.banks[args.split]), dm.seed, args.split == "train", dm.batch_size)
     total = args.sets if args.sets is not None else (dm.set_counts["val"] if args.split == "val" else 500)
     done = len(cache.recipes(args.split)[0])

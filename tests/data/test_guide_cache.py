@@ -65,3 +65,15 @@ def test_data_module_attaches_the_cached_guides_of_its_own_sets(tmp_path):
         SyntheticSetDataModule(box=16, simulation=SimulationConfig(set_size=6, snr=(0.2, 0.2)), seed=3,
                                n_train_molecules=8, n_val_molecules=2, n_test_molecules=2, val_sets=2,
                                guide_cache=str(tmp_path / "g"))
+
+
+def test_sets_added_by_a_running_build_join_the_next_epoch(tmp_path):
+    writer = GuideCache(tmp_path, {"data": {}})
+    writer.append("train", torch.arange(4), torch.zeros(4), torch.zeros(4, 2, 4, 4))
+    reader = GuideCache(tmp_path, {"data": {}})
+    stream = CachedRecipeStream(reader, "train", seed=0, shuffle=True)
+    assert sorted(r["seed"] for r in stream) == [0, 1, 2, 3]
+    reader.guides(torch.tensor([1]))
+    writer.append("train", torch.tensor([7, 8]), torch.zeros(2), torch.ones(2, 2, 4, 4))
+    assert sorted(r["seed"] for r in stream) == [0, 1, 2, 3, 7, 8]
+    assert float(reader.guides(torch.tensor([8, 0])).sum()) == 2 * 4 * 4
