@@ -223,6 +223,8 @@ class RotationalSetTransformer(nn.Module):
         self.blocks = nn.ModuleList(_Block(n_angles, channels, heads, head_dim, hidden) for _ in range(layers))
         self.norm_out = _RMSNorm(n_angles, channels)
         self.readout = _FrequencyLinear(n_angles, channels, n_radii)
+        if guide == "em":  # start from the guides' skip alone: the network adds what it earns
+            nn.init.zeros_(self.readout.weight)
         # The Nyquist ring is sampled asymmetrically (its +x half lies beyond the padded spectrum),
         # so it would break rotation equivariance: it is left out of inputs and outputs.
         self.register_buffer("_rings", (torch.arange(n_radii) < n_radii - 1).float()[:, None], persistent=False)
