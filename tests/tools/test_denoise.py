@@ -145,6 +145,26 @@ def test_denoise_serves_the_rotational_transformer_with_its_own_neighbour_embedd
     assert calls and out.shape == (10, 24, 24) and torch.isfinite(out).all()
 
 
+def test_denoise_serves_the_em_guided_transformer_running_em_on_each_set(tmp_path, cryol_fit, monkeypatch):
+    """A model trained with cached EM guides computes them itself at inference, with its settings."""
+    import cryo_lightning.models.rotational_transformer as rt
+
+    config = ROTATIONAL_CONFIG.replace("classes: 4, hidden: 4}", "classes: 4, hidden: 4, guide: em, em_iterations: 1, "
+                                       "em_rotations: 200, em_max_shift: 0.0}")
+    assert "guide: em" in config
+    ckpt = cryol_fit(tmp_path, config)
+    stack = _stack(tmp_path, 24, 8.0, n=10)
+    calls = []
+    original = rt.RotationalSetTransformer.em_guide
+    monkeypatch.setattr(rt.RotationalSetTransformer, "em_guide",
+                        lambda self, *a, **k: calls.append(self.em_settings) or original(self, *a, **k))
+    main(["denoise", "--ckpt", str(ckpt), "--star", str(stack), "--out", str(tmp_path / "out"),
+          "--set-size", "5", "--context", "neighbours"])
+    out = read_stack(tmp_path / "out" / stack.name)
+    assert out.shape == (10, 24, 24) and torch.isfinite(out).all()
+    assert calls and calls[0] == {"iterations": 1, "n_rotations": 200, "max_shift": 0.0}
+
+
 # -- shipped models, any box and pixel size ----------------------------------------------------
 
 UNET_CONFIG = """
