@@ -15,8 +15,9 @@ rotations and the origin ``o`` uniform over a grid of ``S`` shifts. Each iterati
    half sets; their Fourier shell correlation gives the signal-to-noise ratio per shell, and the
    map is the Wiener estimate ``sum C Y / (sum C^2 + tau^-2)`` with ``tau^-2`` from that ratio
    (RELION's ``tau2_fudge = 1``), masked by a soft sphere;
-3. **resolution**: the next ``k_max`` is where the half-set FSC falls below 0.143, plus two shells
-   (at most two more than the current one), so early iterations align coarse features only.
+3. **resolution**: the next ``k_max`` is two shells beyond the last one whose half-set FSC is at
+   least 0.143; it grows by at most two shells per iteration and never shrinks, so early
+   iterations align coarse features only.
 
 The grid is turned by a random rotation every iteration, so that the poses it samples are not
 always the same ones. Ab initio, the first map is the reconstruction from random poses, low-passed
@@ -164,7 +165,8 @@ def _maximise(halves: list[torch.Tensor], L: int, mask: torch.Tensor) -> tuple[t
     return padded[s : s + L, s : s + L, s : s + L] * mask, fsc
 
 
-def _resolution_shell(fsc: torch.Tensor, threshold: float = 0.143) -> int:
+def _last_resolved_shell(fsc: torch.Tensor, threshold: float = 0.143) -> int:
+    """The last shell ``k >= 1`` before the FSC first drops below ``threshold`` (0 if shell 1 does)."""
     below = (fsc[1:] < threshold).nonzero()
     return int(below[0]) if len(below) else len(fsc) - 1
 
@@ -175,7 +177,7 @@ def expectation_maximization(
     ctf: torch.Tensor | None = None,
     noise_variance: torch.Tensor | float | None = None,
     initial: torch.Tensor | None = None,
-    iterations: int = 20,
+    iterations: int = 15,
     n_rotations: int = 4608,
     max_shift: float = 3.0,
     shift_step: float = 1.0,
@@ -236,7 +238,7 @@ def expectation_maximization(
             lls.append(float(lse.mean()))
             weights = torch.exp(logits - lse[:, None, None])
             volume, fsc = _m_step(data, weights, grid, half, mask, data.radius <= k_max + _M_STEP_MARGIN)
-            shell = _resolution_shell(fsc)
+            shell = _last_resolved_shell(fsc)
             k_max = int(min(L // 2, max(k_max, min(shell + 2, k_max + 2))))
         band = data.radius <= k_max
         logits = _e_step(data, volume, grid, band, chunk)
