@@ -8,22 +8,33 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def cryol_fit():
-    """A function: `cryol fit` on a YAML config text (whose ModelCheckpoint writes to ``ckpt/``),
-    run inside ``folder``; it returns the run's ``ckpt/last.ckpt``."""
+def _run_in(folder: Path, argv: list[str]) -> None:
     import os
 
     from cryo_lightning.cli import main
 
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        main(argv)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="session")
+def cryol_in():
+    """A function: ``cryol ARGV...`` run inside ``folder``, so relative paths resolve there."""
+    return _run_in
+
+
+@pytest.fixture(scope="session")
+def cryol_fit():
+    """A function: `cryol fit` on a YAML config text (whose ModelCheckpoint writes to ``ckpt/``),
+    run inside ``folder``; it returns the run's ``ckpt/last.ckpt``."""
+
     def fit(folder: Path, config: str) -> Path:
         (folder / "tiny.yaml").write_text(config)
-        cwd = os.getcwd()
-        os.chdir(folder)
-        try:
-            main(["fit", "--config", "tiny.yaml"])
-        finally:
-            os.chdir(cwd)
+        _run_in(folder, ["fit", "--config", "tiny.yaml"])
         return folder / "ckpt" / "last.ckpt"
 
     return fit

@@ -5,7 +5,6 @@ error of `cryol denoise` against the clean stack."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -162,26 +161,17 @@ data:
 """
 
 
-def _in(folder: Path, argv: list[str]) -> None:
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        main(argv)
-    finally:
-        os.chdir(cwd)
-
-
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
+def finetuned(tmp_path_factory, cryol_in):
     """A DnCNN pretrained (supervised) at SNR 1/2, then fine-tuned with configs/finetune_demo_dncnn.yaml,
     run from a folder holding the simulated stack where the config expects the demo's (SNR 1/8)."""
     root = tmp_path_factory.mktemp("finetune")
-    _in(root, ["simulate", "--volume", "random", "--seed", "1", "--n-images", "160", "--box", "24",
+    cryol_in(root, ["simulate", "--volume", "random", "--seed", "1", "--n-images", "160", "--box", "24",
                "--pixel-size", "8.0", "--snr", "0.125", "--max-shift", "1", "--out", "runs/quickstart/simulated"])
     (root / "pretrain.yaml").write_text(PRETRAIN)
-    _in(root, ["fit", "--config", "pretrain.yaml"])
+    cryol_in(root, ["fit", "--config", "pretrain.yaml"])
     start = root / "pre" / "last.ckpt"
-    _in(root, ["fit", "--config", str(CONFIGS / "finetune_demo_dncnn.yaml"), "--model.init_args.init_ckpt", str(start),
+    cryol_in(root, ["fit", "--config", str(CONFIGS / "finetune_demo_dncnn.yaml"), "--model.init_args.init_ckpt", str(start),
                "--model.init_args.net.init_args.depth", "5", "--model.init_args.net.init_args.channels", "16",
                "--model.init_args.lr", "0.001", "--data.init_args.set_size", "8", "--trainer.max_steps", "90",
                "--trainer.check_val_every_n_epoch", "9", "--trainer.enable_progress_bar", "false"])
@@ -229,14 +219,14 @@ def test_denoise_loads_the_finetuned_task_without_its_starting_checkpoint(finetu
         assert torch.equal(task(y), task(y))
 
 
-def test_the_shipped_config_fine_tunes_the_default_shipped_model(tmp_path):
+def test_the_shipped_config_fine_tunes_the_default_shipped_model(tmp_path, cryol_in):
     """configs/finetune_relion.yaml as shipped starts from the default shipped model (the CWF-guided
     U-Net) and trains it with SURE on the demo's stack; the result keeps its SURE weighting at
     inference, is applied to large sets like the shipped model, and is not worse than its start
     after a few steps (benchmarks/finetune.py measures the full 300: 0.248 -> 0.243)."""
-    _in(tmp_path, ["simulate", "--volume", "random", "--seed", "1", "--n-images", "200", "--box", "32",
+    cryol_in(tmp_path, ["simulate", "--volume", "random", "--seed", "1", "--n-images", "200", "--box", "32",
                    "--pixel-size", "6.0", "--snr", "0.125", "--max-shift", "1", "--out", "runs/quickstart/simulated"])
-    _in(tmp_path, ["fit", "--config", str(CONFIGS / "finetune_relion.yaml"), "--trainer.max_steps", "12",
+    cryol_in(tmp_path, ["fit", "--config", str(CONFIGS / "finetune_relion.yaml"), "--trainer.max_steps", "12",
                    "--trainer.enable_progress_bar", "false"])
     ckpt = tmp_path / "runs" / "finetune_relion" / "checkpoints" / "last.ckpt"
     task = load_denoise_task(str(ckpt), torch.device("cpu"))

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from cryo_lightning.cli import main
 
 CONFIG = """
 seed_everything: 0
@@ -42,32 +39,23 @@ data:
 """
 
 
-def _run(folder, argv):
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        main(argv)
-    finally:
-        os.chdir(cwd)
-
-
-def test_cache_then_fit_streams_cached_sets_and_resumes(tmp_path):
+def test_cache_then_fit_streams_cached_sets_and_resumes(tmp_path, cryol_in):
     (tmp_path / "em.yaml").write_text(CONFIG.format(steps=4))
-    _run(tmp_path, ["cache-guides", "--config", "em.yaml", "--split", "val"])
-    _run(tmp_path, ["cache-guides", "--config", "em.yaml", "--split", "train", "--sets", "3", "--shard", "2"])
+    cryol_in(tmp_path, ["cache-guides", "--config", "em.yaml", "--split", "val"])
+    cryol_in(tmp_path, ["cache-guides", "--config", "em.yaml", "--split", "train", "--sets", "3", "--shard", "2"])
     shards = sorted(p.name for p in (tmp_path / "guides").glob("*.pt"))
     assert shards == ["train-00000.pt", "train-00001.pt", "val-00000.pt"]
     # asking for more resumes after the last shard; asking for as many does nothing
-    _run(tmp_path, ["cache-guides", "--config", "em.yaml", "--split", "train", "--sets", "4", "--shard", "2"])
+    cryol_in(tmp_path, ["cache-guides", "--config", "em.yaml", "--split", "train", "--sets", "4", "--shard", "2"])
     assert len(torch.load(tmp_path / "guides" / "train-00002.pt")["seed"]) == 1
-    _run(tmp_path, ["cache-guides", "--config", "em.yaml", "--split", "train", "--sets", "4"])
+    cryol_in(tmp_path, ["cache-guides", "--config", "em.yaml", "--split", "train", "--sets", "4"])
     assert len(list((tmp_path / "guides").glob("train-*.pt"))) == 3
-    _run(tmp_path, ["fit", "--config", "em.yaml"])
+    cryol_in(tmp_path, ["fit", "--config", "em.yaml"])
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 4 and "net.em_weight" in state["state_dict"]
 
 
-def test_a_network_without_an_em_guide_is_refused(tmp_path):
+def test_a_network_without_an_em_guide_is_refused(tmp_path, cryol_in):
     (tmp_path / "cwf.yaml").write_text(CONFIG.format(steps=1).replace("guide: em,", "guide: cwf,"))
     with pytest.raises(SystemExit):
-        _run(tmp_path, ["cache-guides", "--config", "cwf.yaml", "--split", "val"])
+        cryol_in(tmp_path, ["cache-guides", "--config", "cwf.yaml", "--split", "val"])
