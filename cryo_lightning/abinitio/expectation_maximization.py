@@ -43,6 +43,7 @@ from cryo_lightning.physics.fourier import fft2c, fft3c, frequency_grid, ifft2c,
 from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.physics.projection import insert_slices, project_spectrum, translate_spectrum, volume_spectrum
 from cryo_lightning.physics.rotations import random_rotations
+from cryo_lightning.physics.volumes import soft_sphere_mask
 
 __all__ = ["EMResult", "shift_grid", "expectation_maximization", "VERSION"]
 
@@ -51,6 +52,7 @@ VERSION = 1
 
 _OVERSAMPLING = 2
 _M_STEP_MARGIN = 4  # shells beyond the E-step's limit that the M-step reconstructs
+_MASK_EDGE = 3.0  # pixels of the mask's cosine edge, which ends at the box's inscribed sphere
 
 
 @dataclass
@@ -86,15 +88,6 @@ def shift_grid(max_shift: float, step: float = 1.0, device=None, dtype=torch.flo
     grid = torch.stack([ox.flatten(), oy.flatten()], dim=-1)
     order = torch.argsort(grid.square().sum(-1), stable=True)
     return grid[order]
-
-
-def _soft_sphere(L: int, device, dtype, edge: float = 3.0) -> torch.Tensor:
-    """``(L, L, L)`` 1 inside radius ``L / 2 - edge``, a cosine edge to 0 at ``L / 2``."""
-    z = torch.arange(L, device=device, dtype=dtype) - L // 2
-    r = torch.sqrt(z[:, None, None] ** 2 + z[None, :, None] ** 2 + z[None, None, :] ** 2)
-    inner = L / 2 - edge
-    t = ((r - inner) / edge).clamp(0, 1)
-    return 0.5 * (1 + torch.cos(math.pi * t))
 
 
 class _Set:
@@ -213,7 +206,7 @@ def expectation_maximization(
     sigma2 = torch.as_tensor(noise_variance, dtype=dtype, device=device).reshape(-1).expand(B)
     shifts = shift_grid(max_shift, shift_step, device, dtype)
     base_grid = rotation_grid(n_rotations, device=device, dtype=dtype)
-    mask = _soft_sphere(L, device, dtype)
+    mask = soft_sphere_mask(L, L / 2 - _MASK_EDGE, _MASK_EDGE, device, dtype)
     g = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
 
     out = {k: [] for k in ("volume", "denoised", "fsc", "k_max", "max_weight", "rotation", "origin", "ll")}
