@@ -20,6 +20,11 @@ the clean CTF-affected, shifted image. Rows, each the mean per-image relative MS
 - ``cwf``: the covariance Wiener filter, the whole stack as one set (B = 1, N = n_images), true
   noise variance, no population prior (wall time in the ``seconds`` column, without the one-off
   construction of the Fourier-Bessel basis, which is printed: ~2 s at L = 64, ~40 s at L = 128);
+- ``em`` (with ``--em``): expectation maximisation over poses and shifts
+  (abinitio/expectation_maximization.py), ab initio from random poses, on sets of ``--em-set-size``
+  consecutive images (the stack in order, the last set taking what is left), true noise variance,
+  a shift grid covering the simulation's origins; each image's posterior mean given its set's
+  map. No training data are involved: it is the 3D-consistent classical set method;
 - one row per shipped model (``--models``; default: all that ``cryol models --json`` lists, when the
   command exists) and per checkpoint (``--ckpt [LABEL=]PATH``), run as a user runs them: the
   noisy stack is written as a RELION 3.1 STAR + MRCS (CTF columns, angles, origins), ``cryol
@@ -46,6 +51,8 @@ seconds, ...}), ``<out>.md`` (a table per map, the machine, the command and the 
     python benchmarks/realmaps.py                                  # every map, 1024 images, SNR 1/8 1/16 1/32
     python benchmarks/realmaps.py --ckpt unet=runs/denoise_unet_cpu/checkpoints/last.ckpt
     python benchmarks/realmaps.py --maps ribosome emd3197 --n-images 64 --snrs 0.0625 --no-oracle --out /tmp/rm
+    python benchmarks/realmaps.py --maps ribosome betagal --snrs 0.0625 0.03125 --em --models --no-identity-check \
+        --no-oracle --out benchmarks/results/realmaps_em
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cryo_lightning.abinitio.expectation_maximization import expectation_maximization
 from cryo_lightning.data.molecule_bank import derive_seed
 from cryo_lightning.data.preprocess import background_stats
 from cryo_lightning.denoise.cwf import cwf_denoise
@@ -372,6 +380,10 @@ def main() -> None:
     p.add_argument("--no-wiener", action="store_true")
     p.add_argument("--no-cwf", action="store_true")
     p.add_argument("--no-oracle", action="store_true")
+    p.add_argument("--em", action="store_true", help="add the em row (slow: minutes per set of 512 at L = 64)")
+    p.add_argument("--em-set-size", type=int, default=512)
+    p.add_argument("--em-iterations", type=int, default=15)
+    p.add_argument("--em-rotations", type=int, default=4608)
     p.add_argument("--oracle-rotations", type=int, default=131072,
                    help="Fibonacci SO(3) grid size; the cost is the slicing, ~100 s per map and SNR at L = 64 on one "
                         "idle core (twice that on a loaded one), linear in the size, x4 at L = 128 (which also needs "
@@ -462,6 +474,20 @@ def main() -> None:
                 t = time.perf_counter()
                 out = cwf_denoise(noisy[None], stack.ctf[None], sigma2, basis=bases[stack.box])[0]
                 record("cwf", out, time.perf_counter() - t)
+            if args.em:
+                t = time.perf_counter()
+                parts = []
+                for i, start in enumerate(range(0, n, args.em_set_size)):
+                    part = slice(start, min(n, start + args.em_set_size))
+                    if part.stop - part.start < 2:
+                        break
+                    found = expectation_maximization(
+                        noisy[part][None], stack.ctf[part][None], sigma2, iterations=args.em_iterations,
+                        n_rotations=args.em_rotations, max_shift=MAX_SHIFT,
+                        generator=torch.Generator().manual_seed(derive_seed(args.seed, 2, i)))
+                    parts.append(found.denoised[0])
+                record("em", torch.cat(parts), time.perf_counter() - t, target=stack.clean[: sum(len(q) for q in parts)],
+                       set_size=args.em_set_size, em_iterations=args.em_iterations, em_rotations=args.em_rotations)
             if models or identity is not None:
                 folder = work / name / f"snr_{k}"
                 star = write_dataset(stack, noisy, folder)
@@ -538,7 +564,10 @@ def write_table(rows: list[dict], meta: dict, seeds: dict, args, path: Path, mod
         "start-up included (~10 s here). Seconds of several SNRs are listed in SNR order. The oracle is the posterior mean given the "
         f"true volume over a Fibonacci grid of {args.oracle_rotations} rotations (trilinear slices, known origins, "
         f"amplitude fitted with the true rotations) on the first {args.oracle_images} images of each stack only; the "
-        "grid limits it at L = 64, so it is an upper bound on the exact posterior mean's error.",
+        "grid limits it at L = 64, so it is an upper bound on the exact posterior mean's error."
+        + (f" EM (`--em`) runs ab initio on sets of {args.em_set_size} consecutive images with the true noise "
+           f"variance: {args.em_iterations} iterations over {args.em_rotations} rotations and a 1-px shift grid "
+           f"within +-{MAX_SHIFT:.0f} px; each image's posterior mean given its set's map." if args.em else ""),
         "",
         f"Seeds (base `--seed {args.seed}`, derived with `derive_seed`): "
         + "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in s.items()) for m, s in seeds.items()) + ".",
