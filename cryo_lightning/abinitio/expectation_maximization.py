@@ -23,6 +23,12 @@ The grid is turned by a random rotation every iteration, so that the poses it sa
 always the same ones. Ab initio, the first map is the reconstruction from random poses, low-passed
 to ``initial_shell``: a blob with the images' power, from which EM grows a structure.
 
+On boxes larger than ``coarse_box`` (32 by default), ab initio runs coarse to fine, as RELION's
+and cryoSPARC's initial models do: the iterations above on the images Fourier-cropped to the
+coarse box (the same frequencies up to its Nyquist), then a map at the full box from each image's
+most probable pose, refined by a few full-box iterations. Finding the structure needs low
+frequencies only, and the coarse box costs ``(coarse_box / L)^2`` as much per iteration.
+
 The half-set FSC is *not* an independent resolution estimate here (both halves are aligned to
 the same map, so noise fitted by the alignment correlates); it sets the Wiener filter and the
 resolution schedule, as it does in RELION's refinement before the gold-standard split.
@@ -41,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cryo_lightning.denoise.oracle import rotation_grid
-from cryo_lightning.physics.fourier import fft2c, fft3c, frequency_grid, ifft2c, ifft3c, radial_grid
+from cryo_lightning.physics.fourier import fft2c, fft3c, fourier_resize, frequency_grid, ifft2c, ifft3c, radial_grid
 from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.physics.projection import insert_slices, project_spectrum, translate_spectrum, volume_spectrum
 from cryo_lightning.physics.rotations import random_rotations
@@ -50,7 +56,7 @@ from cryo_lightning.physics.volumes import soft_sphere_mask
 __all__ = ["EMResult", "shift_grid", "expectation_maximization", "VERSION"]
 
 # Raised whenever a change alters the results: caches of EM guides record it (cryol cache-guides).
-VERSION = 1
+VERSION = 2
 
 _OVERSAMPLING = 2
 _M_STEP_MARGIN = 4  # shells beyond the E-step's limit that the M-step reconstructs
@@ -187,6 +193,8 @@ def expectation_maximization(
     initial_shell: int = 3,
     chunk: int = 1152,
     generator: torch.Generator | None = None,
+    coarse_box: int | None = 32,
+    refine_iterations: int = 5,
 ) -> EMResult:
     """Reconstruct each set's map by EM over poses and shifts, and denoise its images.
 
@@ -202,8 +210,15 @@ def expectation_maximization(
         initial_shell: frequency limit (spectrum pixels) of the first iteration.
         chunk: grid rotations per matrix product (memory).
         generator: randomness of the half sets, the random start and the grid's turns.
+        coarse_box: ab initio on a box larger than this runs coarse to fine: ``iterations`` on the
+            images Fourier-cropped to ``coarse_box`` (same frequencies up to the coarse Nyquist,
+            so the same shells), then the full-box map is reconstructed at each image's most
+            probable coarse pose and refined by ``refine_iterations`` more at the full box.
+            None: every iteration at the full box.
+        refine_iterations: full-box iterations after the coarse stage.
     Returns:
-        :class:`EMResult`.
+        :class:`EMResult`. After a coarse stage its ``log_likelihood`` holds the coarse
+        iterations' values followed by the full box's (the two are not on one scale).
     """
     B, N, L = noisy.shape[0], noisy.shape[1], noisy.shape[-1]
     if N < 2:
@@ -214,10 +229,14 @@ def expectation_maximization(
     if noise_variance is None:
         noise_variance = estimate_noise_variance(noisy).mean(-1)
     sigma2 = torch.as_tensor(noise_variance, dtype=dtype, device=device).reshape(-1).expand(B)
+    g = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
+    if initial is None and coarse_box is not None and L > coarse_box:
+        return _coarse_to_fine(noisy, ctf, sigma2, iterations, refine_iterations, coarse_box,
+                               dict(n_rotations=n_rotations, max_shift=max_shift, shift_step=shift_step,
+                                    initial_shell=initial_shell, chunk=chunk), g)
     shifts = shift_grid(max_shift, shift_step, device, dtype)
     base_grid = rotation_grid(n_rotations, device=device, dtype=dtype)
     mask = soft_sphere_mask(L, L / 2 - _MASK_EDGE, _MASK_EDGE, device, dtype)
-    g = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
 
     out = {k: [] for k in ("volume", "denoised", "fsc", "k_max", "max_weight", "rotation", "origin", "ll")}
     for b in range(B):
@@ -335,6 +354,45 @@ def _normalise(logits: torch.Tensor) -> torch.Tensor:
     lse = torch.logsumexp(torch.logsumexp(logits, dim=2), dim=0)
     logits.sub_(lse[None, :, None]).exp_()
     return lse
+
+
+def _coarse_to_fine(noisy: torch.Tensor, ctf: torch.Tensor, sigma2: torch.Tensor, iterations: int,
+                    refine_iterations: int, coarse_box: int, settings: dict, g: torch.Generator) -> EMResult:
+    """Ab initio on Fourier-cropped images, then refinement at the full box (see ``coarse_box``)."""
+    L = noisy.shape[-1]
+    ratio = coarse_box / L
+    start = L // 2 - coarse_box // 2
+    crop = slice(start, start + coarse_box)
+    # Cropping the centred spectrum keeps the frequencies below the coarse Nyquist: the images'
+    # noise variance per pixel scales by ratio^2 (fourier_resize keeps each coefficient's
+    # amplitude), the CTF is its own centre, and shifts shrink with the pixels.
+    coarse = expectation_maximization(
+        fourier_resize(noisy, coarse_box, 2), ctf[..., crop, crop], sigma2 * ratio**2, iterations=iterations,
+        **{**settings, "max_shift": settings["max_shift"] * ratio}, generator=g, coarse_box=None)
+    mask = soft_sphere_mask(L, L / 2 - _MASK_EDGE, _MASK_EDGE, noisy.device, noisy.dtype)
+    results = []
+    for b in range(noisy.shape[0]):
+        volume = _reconstruct(noisy[b], ctf[b], coarse.best_rotation[b], coarse.best_origin[b] / ratio, mask, g)
+        results.append(expectation_maximization(
+            noisy[b : b + 1], ctf[b : b + 1], sigma2[b : b + 1], initial=volume[None], iterations=refine_iterations,
+            **{**settings, "initial_shell": int(coarse.k_max[b])}, generator=g, coarse_box=None))
+    cat = {k: torch.cat([getattr(r, k) for r in results]) for k in
+           ("volume", "denoised", "fsc", "k_max", "max_weight", "best_rotation", "best_origin", "log_likelihood")}
+    cat["log_likelihood"] = torch.cat([coarse.log_likelihood, cat["log_likelihood"]], dim=1)
+    return EMResult(**cat)
+
+
+def _reconstruct(noisy: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor, origins: torch.Tensor,
+                 mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Wiener map ``(L, L, L)`` of images ``(N, L, L)`` at known poses (direct Fourier inversion)."""
+    N, L = noisy.shape[0], noisy.shape[-1]
+    ky, kx = frequency_grid(L, 2, device=noisy.device, dtype=noisy.dtype)
+    inside = torch.sqrt(kx * kx + ky * ky) * L <= L / 2
+    CY = ctf * translate_spectrum(fft2c(noisy), origins) * inside
+    slices = torch.stack([CY.real, CY.imag, ctf * ctf * inside])
+    half = (torch.randperm(N, generator=g) < N // 2).to(noisy.device)
+    halves = [insert_slices(slices[:, h], rotations[h], L, _OVERSAMPLING) for h in (half, ~half)]
+    return _maximise(halves, L, mask)[0]
 
 
 def _low_pass(volume: torch.Tensor, shell: float) -> torch.Tensor:

@@ -84,3 +84,18 @@ def test_one_image_is_refused():
         assert "at least 2 images" in str(error)
     else:
         raise AssertionError("no error")
+
+
+def test_coarse_to_fine_ab_initio_reconstructs_at_the_full_box():
+    volume, rotations, origins, ctf, clean, noisy, variance = _set(256, snr=0.5, L=32)
+    result = expectation_maximization(noisy[None], ctf[None], variance, iterations=10, n_rotations=2000,
+                                      max_shift=0.0, coarse_box=16, refine_iterations=3,
+                                      generator=torch.Generator().manual_seed(1))
+    assert result.volume.shape == (1, 32, 32, 32) and result.fsc.shape == (1, 17)
+    assert result.log_likelihood.shape == (1, 13)  # coarse iterations, then the full box's
+    assert int(result.k_max[0]) > 8  # beyond the coarse box's Nyquist: the full box was used
+    errors = register_rotations(result.best_rotation[0], rotations)
+    # measured 11 degrees (a 2000-rotation grid, ~20 degrees apart); every iteration at the full
+    # box gave 17 degrees and a denoised error of 0.150 against 0.104 here
+    assert errors.median_error < 15.0, errors.median_error
+    assert float(relative_mse(result.denoised[0], clean).mean()) < 0.13
