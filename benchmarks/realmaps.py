@@ -23,8 +23,8 @@ the clean CTF-affected, shifted image. Rows, each the mean per-image relative MS
 - ``em`` (with ``--em``): expectation maximisation over poses and shifts
   (abinitio/expectation_maximization.py), ab initio from random poses, on sets of ``--em-set-size``
   consecutive images (the stack in order, the last set taking what is left), true noise variance,
-  a shift grid covering the simulation's origins; each image's posterior mean given its set's
-  map. No training data are involved: it is the 3D-consistent classical set method;
+  a shift grid covering the simulation's origins, coarse to fine above 32 px (EM's default); each
+  image's posterior mean given its set's map. No training data are involved: it is the 3D-consistent classical set method;
 - one row per shipped model (``--models``; default: all that ``cryol models --json`` lists, when the
   command exists) and per checkpoint (``--ckpt [LABEL=]PATH``), run as a user runs them: the
   noisy stack is written as a RELION 3.1 STAR + MRCS (CTF columns, angles, origins), ``cryol
@@ -567,7 +567,9 @@ def write_table(rows: list[dict], meta: dict, seeds: dict, args, path: Path, mod
         "grid limits it at L = 64, so it is an upper bound on the exact posterior mean's error."
         + (f" EM (`--em`) runs ab initio on sets of {args.em_set_size} consecutive images with the true noise "
            f"variance: {args.em_iterations} iterations over {args.em_rotations} rotations and a 1-px shift grid "
-           f"within +-{MAX_SHIFT:.0f} px; each image's posterior mean given its set's map." if args.em else ""),
+           f"within +-{MAX_SHIFT:.0f} px (boxes above 32: the iterations on images cropped to 32 px, then 5 at the "
+           "full box from the best coarse poses, EM's default); each image's posterior mean given its set's map."
+           if args.em else ""),
         "",
         f"Seeds (base `--seed {args.seed}`, derived with `derive_seed`): "
         + "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in s.items()) for m, s in seeds.items()) + ".",
