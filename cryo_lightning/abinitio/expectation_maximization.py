@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cryo_lightning.denoise.oracle import rotation_grid
-from cryo_lightning.physics.fourier import fft2c, fft3c, fourier_resize, frequency_grid, ifft2c, ifft3c, radial_grid
+from cryo_lightning.physics.fourier import fft2c, fft3c, fourier_resize, ifft2c, ifft3c, radial_grid
 from cryo_lightning.physics.noise import estimate_noise_variance
 from cryo_lightning.physics.projection import insert_slices, project_spectrum, translate_spectrum, volume_spectrum
 from cryo_lightning.physics.rotations import random_rotations
@@ -110,8 +110,7 @@ class _Set:
                  order: torch.Tensor, n_first: int) -> None:
         N, L = noisy.shape[0], noisy.shape[-1]
         self.N, self.L, self.S, self.n_first = N, L, len(shifts), n_first
-        ky, kx = frequency_grid(L, 2, device=noisy.device, dtype=noisy.dtype)
-        self.radius = (torch.sqrt(kx * kx + ky * ky) * L).flatten()  # pixels of the spectrum
+        self.radius = radial_grid(L, 2, device=noisy.device, dtype=noisy.dtype).flatten()  # spectrum pixels
         self.inside = self.radius <= L / 2  # the projector's support
         noisy, ctf = noisy[order], ctf[order]
         self.CY = (ctf * fft2c(noisy)).flatten(-2) * self.inside  # (N, L^2)
@@ -124,6 +123,11 @@ class _Set:
 
     def halves(self) -> tuple[slice, slice]:
         return slice(0, self.n_first), slice(self.n_first, self.N)
+
+
+def _mask(L: int, device, dtype) -> torch.Tensor:
+    """The soft sphere every map is multiplied by: its cosine edge ends at the inscribed sphere."""
+    return soft_sphere_mask(L, L / 2 - _MASK_EDGE, _MASK_EDGE, device, dtype)
 
 
 def _real(z: torch.Tensor) -> torch.Tensor:
@@ -236,7 +240,7 @@ def expectation_maximization(
                                     initial_shell=initial_shell, chunk=chunk), g)
     shifts = shift_grid(max_shift, shift_step, device, dtype)
     base_grid = rotation_grid(n_rotations, device=device, dtype=dtype)
-    mask = soft_sphere_mask(L, L / 2 - _MASK_EDGE, _MASK_EDGE, device, dtype)
+    mask = _mask(L, device, dtype)
 
     out = {k: [] for k in ("volume", "denoised", "fsc", "k_max", "max_weight", "rotation", "origin", "ll")}
     for b in range(B):
@@ -257,16 +261,20 @@ def expectation_maximization(
         for it in range(iterations):
             turn = random_rotations(1, generator=g, dtype=dtype).to(device)[0]
             grid = base_grid @ turn  # A_m R0: the same grid, turned
-            weights = _e_step(data, volume, grid, data.radius <= k_max, chunk)
+            band = data.radius <= k_max
+            weights = _e_step(data, _projections(volume, grid, band, chunk), band)
             lls.append(float(_normalise(weights).mean()))
             volume, fsc = _m_step(data, weights, grid, mask, data.radius <= k_max + _M_STEP_MARGIN, chunk)
             del weights
             shell = _last_resolved_shell(fsc)
             k_max = int(min(L // 2, max(k_max, min(shell + 2, k_max + 2))))
-        weights = _e_step(data, volume, grid, data.radius <= k_max, chunk)
+        # the map holds nothing beyond the M-step's band: the mean is summed over it alone, and
+        # the E-step's band is inside it, so one set of projections serves both
+        band, keep = data.radius <= k_max, data.radius <= k_max + _M_STEP_MARGIN
+        P = _projections(volume, grid, keep, chunk)
+        weights = _e_step(data, P[:, band[keep]], band)
         _normalise(weights)
-        # the map holds nothing beyond the M-step's band: the mean is summed over it alone
-        mean = _posterior_mean(data, weights, volume, grid, data.radius <= k_max + _M_STEP_MARGIN, chunk)
+        mean = _posterior_mean(data, weights, P, keep)
         inverse = torch.argsort(order)
         out["denoised"].append(ifft2c(ctf[b] * mean[inverse].reshape(N, L, L)).real)
         best_over_m, m_index = weights.max(2)  # (S, N)
@@ -295,14 +303,14 @@ def _projections(volume: torch.Tensor, grid: torch.Tensor, band: torch.Tensor, c
                       for i in range(0, len(grid), chunk)])
 
 
-def _e_step(data: _Set, volume: torch.Tensor, grid: torch.Tensor, band: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``(S, N, M)`` log-likelihoods (up to a per-image constant) on the frequencies in ``band``:
-    ``(Re sum_k conj(C Y_s) P_m - 1/2 sum_k C^2 |P_m|^2) / (sigma^2 L^2)``, one product per shift."""
-    P = _projections(volume, grid, band, chunk)
+def _e_step(data: _Set, P: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    """``(S, N, M)`` log-likelihoods (up to a per-image constant) of the projections ``P (M, K)``
+    on the frequencies in ``band``: ``(Re sum_k conj(C Y_s) P_m - 1/2 sum_k C^2 |P_m|^2) /
+    (sigma^2 L^2)``, one product per shift."""
     Pr = _real(P).T.contiguous()  # (2K, M)
     CY, phase = data.CY[:, band], data.phase[:, band]
     power = 0.5 * (data.C2[:, band] @ P.abs().square().T)  # (N, M)
-    logits = power.new_empty(data.S, data.N, len(grid))
+    logits = power.new_empty(data.S, data.N, len(P))
     for s in range(data.S):
         torch.matmul(_real(CY * phase[s]), Pr, out=logits[s])
         logits[s].sub_(power)
@@ -334,11 +342,10 @@ def _m_step(data: _Set, weights: torch.Tensor, grid: torch.Tensor, mask: torch.T
     return _maximise(halves, L, mask)
 
 
-def _posterior_mean(data: _Set, weights: torch.Tensor, volume: torch.Tensor, grid: torch.Tensor,
-                    band: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``(N, L^2)`` complex: each image's posterior mean spectrum before its CTF, every shift put back."""
-    P = _projections(volume, grid, band, chunk)
-    Pc = torch.cat([P.real, P.imag], dim=-1)  # (M, 2K)
+def _posterior_mean(data: _Set, weights: torch.Tensor, P: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    """``(N, L^2)`` complex: each image's posterior mean spectrum before its CTF, every shift put
+    back, from the projections ``P (M, K)`` on the frequencies in ``band``."""
+    Pc = _real(P)  # (M, 2K)
     K = P.shape[-1]
     mean = P.new_zeros(data.N, K)
     for s in range(data.S):
@@ -369,7 +376,7 @@ def _coarse_to_fine(noisy: torch.Tensor, ctf: torch.Tensor, sigma2: torch.Tensor
     coarse = expectation_maximization(
         fourier_resize(noisy, coarse_box, 2), ctf[..., crop, crop], sigma2 * ratio**2, iterations=iterations,
         **{**settings, "max_shift": settings["max_shift"] * ratio}, generator=g, coarse_box=None)
-    mask = soft_sphere_mask(L, L / 2 - _MASK_EDGE, _MASK_EDGE, noisy.device, noisy.dtype)
+    mask = _mask(L, noisy.device, noisy.dtype)
     results = []
     for b in range(noisy.shape[0]):
         volume = _reconstruct(noisy[b], ctf[b], coarse.best_rotation[b], coarse.best_origin[b] / ratio, mask, g)
@@ -386,8 +393,7 @@ def _reconstruct(noisy: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor
                  mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Wiener map ``(L, L, L)`` of images ``(N, L, L)`` at known poses (direct Fourier inversion)."""
     N, L = noisy.shape[0], noisy.shape[-1]
-    ky, kx = frequency_grid(L, 2, device=noisy.device, dtype=noisy.dtype)
-    inside = torch.sqrt(kx * kx + ky * ky) * L <= L / 2
+    inside = radial_grid(L, 2, device=noisy.device, dtype=noisy.dtype) <= L / 2  # the projector's support
     CY = ctf * translate_spectrum(fft2c(noisy), origins) * inside
     slices = torch.stack([CY.real, CY.imag, ctf * ctf * inside])
     half = (torch.randperm(N, generator=g) < N // 2).to(noisy.device)
